@@ -1,0 +1,5 @@
+import sys
+
+from acgraph.cli import main
+
+sys.exit(main())

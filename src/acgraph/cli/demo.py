@@ -1,0 +1,40 @@
+"""`acg demo`: run every stage that exists end to end on the built-in organism."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the end-to-end demo on the built-in organism")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="results folder")
+    p.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 loading stage")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from acgraph.demo import run_demo
+
+    from .organism import format_eval
+
+    summary = run_demo(
+        args.out, smollm2=not args.no_smollm2, log=lambda m: print(m, file=sys.stderr)
+    )
+    org = summary["organism"]
+    m = org["model"]
+    print(
+        f"\n== organism: {m.get('architecture')} ({m.get('n_layers')} layers, "
+        f"d_model {m.get('d_model')}, {m.get('n_params', 0):,} parameters)"
+    )
+    print(
+        f"HookedTransformer vs HF max |log-prob diff|: {org['hooked_vs_hf_max_logprob_diff']:.2e}"
+    )
+    print(format_eval(org["eval"]))
+    if "smollm2" in summary:
+        s = summary["smollm2"]
+        print(f"\n== SmolLM2-135M-Instruct (GGUF, loaded offline in {s['load_seconds']} s)")
+        print(f"{s['prompt']!r} -> {s['greedy_continuation']!r}")
+    print(f"\nresults written to {args.out}/ (summary.json, organism_eval.json)")
+    return 0

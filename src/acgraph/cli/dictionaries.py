@@ -1,0 +1,272 @@
+"""`acg train` and `acg eval`: train and evaluate sparse dictionaries (thin over the library)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from acgraph.errors import ArtifactError, ConfigError
+
+KIND_CHOICES = ("transcoder", "skip_transcoder", "sae")
+ACTIVATION_CHOICES = ("topk", "batchtopk", "jumprelu", "relu")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _register_train(sub)
+    _register_eval(sub)
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="SPEC", help="model spec (default: the workspace's)")
+    p.add_argument("--corpus", metavar="SPEC", help="corpus spec (default: the workspace's)")
+    p.add_argument("--workspace", metavar="WS", help="read model/corpus from this workspace")
+    p.add_argument("--context-size", type=int, default=128, help="tokens per context (128)")
+    p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
+    p.add_argument("--device", default="cpu", help="torch device (cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _register_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train SAEs / transcoders / skip transcoders on a model's activations",
+        description="Train one dictionary per hook (or hook pair) from one model forward per "
+        "batch. Writes DIR/<name>/ (SAELens layout) and DIR/checkpoints/; --resume continues a "
+        "run exactly.",
+    )
+    _add_source_args(p)
+    p.add_argument(
+        "--hooks",
+        nargs="+",
+        metavar="HOOK",
+        help="SAE: hook names; transcoders: IN:OUT pairs "
+        "(e.g. blocks.0.ln2.hook_normalized:blocks.0.hook_mlp_out)",
+    )
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        metavar="L",
+        help="layers ('all' or numbers): transcoders read blocks.L.ln2.hook_normalized and "
+        "predict blocks.L.hook_mlp_out; SAEs read blocks.L.hook_resid_post (default: all)",
+    )
+    p.add_argument("--kind", choices=KIND_CHOICES, default="transcoder")
+    p.add_argument("--activation", choices=ACTIVATION_CHOICES, default="topk")
+    p.add_argument("--k", type=int, default=32, help="active latents per token (TopK/BatchTopK)")
+    p.add_argument("--width", type=int, default=2048, help="latents per dictionary (d_sae)")
+    p.add_argument("--tokens", type=int, required=True, help="training tokens")
+    p.add_argument("--batch-size", type=int, default=4096, help="tokens per step (4096)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    p.add_argument("--l1", type=float, default=1e-3, help="ReLU L1 coefficient")
+    p.add_argument("--l0", type=float, default=1e-3, help="JumpReLU L0 coefficient")
+    p.add_argument("--dead-tokens", type=int, default=1_000_000, help="tokens until dead")
+    p.add_argument("--buffer-tokens", type=int, default=65_536, help="shuffle buffer size")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", metavar="DIR", help="cache activations on disk here and reuse them")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: WS/dictionaries)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.set_defaults(func=_train)
+
+
+def _register_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="FVU, L0, dead/dense, CE recovered, delta CE and KL of dictionaries",
+        description="Evaluate dictionaries (folders in the SAELens layout, or folders holding "
+        "them) alone and all spliced in at once, beside zero and mean ablation.",
+    )
+    p.add_argument("dirs", nargs="+", metavar="DIR")
+    _add_source_args(p)
+    p.add_argument("--contexts", type=int, default=64, help="eval contexts (64)")
+    p.add_argument("--batch-size", type=int, default=16, help="contexts per forward (16)")
+    p.add_argument("--seed", type=int, default=1, help="corpus seed (generated corpora)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--report", metavar="FILE", help="also write the JSON report here")
+    p.set_defaults(func=_eval)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _sources(args: argparse.Namespace) -> tuple[str, str, Any]:
+    model, corpus, ws = args.model, args.corpus, None
+    if args.workspace:
+        from acgraph.workspace import Workspace
+
+        ws = Workspace.open(args.workspace)
+        model = model or ws.model
+        corpus = corpus or ws.corpus
+    if not model:
+        raise ConfigError("no model: pass --model SPEC or --workspace WS")
+    if not corpus:
+        raise ConfigError("no corpus: pass --corpus SPEC or a --workspace that has one")
+    return model, corpus, ws
+
+
+def _load(args: argparse.Namespace, n_tokens: int, seed: int):
+    import torch
+
+    from acgraph.data import load_corpus, tokenize_to_contexts
+    from acgraph.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_spec, corpus_spec, ws = _sources(args)
+    model = load_model(model_spec, device=args.device)
+    if model.tokenizer is None:
+        raise ConfigError(f"model {model_spec} has no tokenizer; cannot tokenize the corpus")
+    max_contexts = max(1, math.ceil(n_tokens / max(args.context_size - 1, 1)))
+    texts = load_corpus(corpus_spec, max_docs=args.max_docs, seed=seed)
+    tokens = tokenize_to_contexts(
+        texts, model.tokenizer, args.context_size, max_contexts=max_contexts
+    )
+    return model, tokens, ws, model_spec
+
+
+def _hook_pairs(args: argparse.Namespace, n_layers: int) -> list[tuple[str, str]]:
+    if args.hooks and args.layers:
+        raise ConfigError("give --hooks or --layers, not both")
+    if args.hooks:
+        pairs = []
+        for item in args.hooks:
+            hook_in, sep, hook_out = item.partition(":")
+            if args.kind == "sae":
+                if sep:
+                    raise ConfigError(f"an SAE takes one hook, not a pair: {item!r}")
+                pairs.append((hook_in, hook_in))
+            else:
+                if not sep or not hook_in or not hook_out:
+                    raise ConfigError(f"a transcoder needs IN:OUT, got {item!r}")
+                pairs.append((hook_in, hook_out))
+        return pairs
+    layers_arg = args.layers or ["all"]
+    if layers_arg == ["all"]:
+        layers = list(range(n_layers))
+    else:
+        try:
+            layers = [int(x) for x in layers_arg]
+        except ValueError:
+            raise ConfigError(f"--layers takes 'all' or integers, got {layers_arg}") from None
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise ConfigError(f"layer {layer} is out of range (the model has {n_layers})")
+    if args.kind == "sae":
+        return [(f"blocks.{i}.hook_resid_post",) * 2 for i in layers]
+    return [(f"blocks.{i}.ln2.hook_normalized", f"blocks.{i}.hook_mlp_out") for i in layers]
+
+
+# ---------------------------------------------------------------- train
+
+
+def _train(args: argparse.Namespace) -> int:
+    from acgraph.dictionaries import DictionaryConfig, TrainConfig, hook_widths, train_dictionaries
+
+    model, tokens, ws, model_spec = _load(args, args.tokens, args.seed)
+    out = Path(args.out) if args.out else (ws.dictionaries_dir if ws is not None else None)
+    if out is None:
+        raise ConfigError("no output folder: pass --out DIR or --workspace WS")
+    pairs = _hook_pairs(args, model.cfg.n_layers)
+    widths = hook_widths(model, sorted({h for pair in pairs for h in pair}))
+    configs = [
+        DictionaryConfig(
+            kind=args.kind,
+            d_in=widths[hook_in],
+            d_out=widths[hook_out],
+            d_sae=args.width,
+            hook_in=hook_in,
+            hooks_out=[] if args.kind == "sae" else [hook_out],
+            activation=args.activation,
+            k=args.k,
+            l1_coefficient=args.l1,
+            l0_coefficient=args.l0,
+            dead_tokens=args.dead_tokens,
+            model_name=model_spec,
+            context_size=args.context_size,
+        )
+        for hook_in, hook_out in pairs
+    ]
+    train_cfg = TrainConfig(
+        total_tokens=args.tokens,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        buffer_tokens=args.buffer_tokens,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+    result = train_dictionaries(
+        model, tokens, configs, out, train_cfg, resume=args.resume, shard_dir=args.shards
+    )
+    if ws is not None:
+        ws.touch()
+    last = result.final_metrics().get("dictionaries", {})
+    print(f"trained {len(result.dictionaries)} dictionaries, {result.tokens:,} tokens -> {out}")
+    for d in result.dictionaries:
+        m = last.get(d.cfg.name, {})
+        stats = "  ".join(f"{k}={m[k]:.4g}" for k in ("fvu", "l0", "dead") if k in m)
+        print(f"  {out / d.cfg.name}  {stats} (last batch)")
+    if result.tokens_per_second:
+        print(f"  {result.tokens_per_second:,.0f} tokens/s")
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+
+
+def _dictionary_dirs(paths: list[str]) -> list[Path]:
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if (path / "cfg.json").is_file():
+            found.append(path)
+            continue
+        children = sorted(p for p in path.iterdir() if (p / "cfg.json").is_file()) if (
+            path.is_dir()
+        ) else []
+        if not children:
+            raise ArtifactError(f"no dictionary (cfg.json) in {path} or its subfolders")
+        found.extend(children)
+    return found
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from acgraph.dictionaries import evaluate_dictionaries, load_dictionary
+    from acgraph.io import atomic_write_json
+
+    dirs = _dictionary_dirs(args.dirs)
+    model, tokens, _, _ = _load(args, args.contexts * args.context_size, args.seed)
+    tokens = tokens[: args.contexts]
+    dictionaries = []
+    for path in dirs:
+        d = load_dictionary(path, device=args.device, model=model)
+        d.cfg.name = path.name if d.cfg.name in {x.cfg.name for x in dictionaries} else d.cfg.name
+        dictionaries.append(d)
+    report = evaluate_dictionaries(model, dictionaries, tokens, batch_size=args.batch_size)
+    report["paths"] = {d.cfg.name: str(p) for d, p in zip(dictionaries, dirs, strict=True)}
+    if args.report:
+        atomic_write_json(args.report, report)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"{report['n_tokens']:,} eval tokens; clean CE {report['ce_clean']:.4f} nats")
+    head = f"{'dictionary':32} {'FVU':>7} {'L0':>7} {'dead':>6} {'dense':>6} "
+    head += f"{'recov(zero)':>11} {'recov(mean)':>11} {'dCE':>8} {'KL':>8}"
+    print(head)
+    rows = list(report["dictionaries"].items())
+    if "all" in report:
+        rows.append(("all spliced at once", report["all"]))
+    for name, e in rows:
+        sparse = (
+            f"{e['fvu']:7.4f} {e['l0']:7.2f} {e['dead_fraction']:6.3f} {e['dense_fraction']:6.3f}"
+            if "fvu" in e
+            else f"{'':7} {'':7} {'':6} {'':6}"
+        )
+        print(
+            f"{name[:32]:32} {sparse} {e['ce_recovered_zero']:11.4f} "
+            f"{e['ce_recovered_mean']:11.4f} {e['delta_ce']:8.4f} {e['kl']:8.4f}"
+        )
+    return 0

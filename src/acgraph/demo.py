@@ -1,0 +1,75 @@
+"""The end-to-end demo behind `make demo`: every stage that exists, on the built-in organism.
+
+Each stage returns plain data; the CLI prints it and everything lands in the output folder.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from acgraph.io import atomic_write_json
+
+
+def organism_stage(n_per_domain: int = 200) -> dict:
+    """Load the shipped organism both ways, check the TransformerLens copy matches HF, score it."""
+    from acgraph.models import load_model, model_summary
+    from acgraph.organism import load_config, load_organism
+    from acgraph.organism.evaluate import encode, evaluate, hf_logits_fn
+    from acgraph.organism.language import documents
+
+    cfg = load_config()
+    hf = load_organism()
+    tl = load_model("organism")
+    docs = documents(cfg.language, cfg.backdoor, seed=424242, n=32, poison_rate=0.0)
+    toks = encode([d.tokens for d in docs])
+    with torch.no_grad():
+        diff = (
+            (hf_logits_fn(hf)(toks).log_softmax(-1) - tl(toks).log_softmax(-1))
+            .abs()[toks != 0]
+            .max()
+        )
+    t0 = time.perf_counter()
+    result = evaluate(lambda t: tl(t), cfg, n_per_domain).to_dict()
+    return {
+        "model": model_summary(tl),
+        "hooked_vs_hf_max_logprob_diff": float(diff),
+        "eval": result,
+        "eval_seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def smollm2_stage(prompt: str = "The capital of France is", new_tokens: int = 5) -> dict:
+    """Load SmolLM2-135M-Instruct from the GGUF shipped on PyPI, offline, and continue a prompt."""
+    from acgraph.models import load_model, model_summary
+
+    t0 = time.perf_counter()
+    model = load_model("smollm2")
+    load_s = time.perf_counter() - t0
+    toks = model.to_tokens(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            nxt = model(toks)[:, -1].argmax(-1, keepdim=True)
+            toks = torch.cat([toks, nxt], dim=1)
+    continuation = model.tokenizer.decode(toks[0, -new_tokens:])
+    return {
+        "model": model_summary(model),
+        "load_seconds": round(load_s, 1),
+        "prompt": prompt,
+        "greedy_continuation": continuation,
+    }
+
+
+def run_demo(out_dir: str | Path, *, smollm2: bool = True, log=print) -> dict:
+    out = Path(out_dir)
+    summary: dict = {}
+    log("[1/2] organism: load (HF and TransformerLens), check equivalence, evaluate")
+    summary["organism"] = organism_stage()
+    atomic_write_json(out / "organism_eval.json", summary["organism"]["eval"])
+    if smollm2:
+        log("[2/2] SmolLM2-135M-Instruct from its GGUF: load offline, greedy continuation")
+        summary["smollm2"] = smollm2_stage()
+    atomic_write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,155 @@
+"""`SparseDictionary`: one module for SAEs, transcoders and skip transcoders.
+
+Parameters are named and shaped as in SAELens::
+
+    W_enc  [d_in, d_sae]     b_enc [d_sae]
+    W_dec  [d_sae, d_out]    b_dec [d_out]
+    W_skip [d_out, d_in]     (skip transcoders; zero-initialized)
+    threshold [d_sae]        (property: the JumpReLU threshold, where the activation has one)
+
+    encode(x) = act((x - b_dec if apply_b_dec_to_input) @ W_enc + b_enc)
+    decode(a, x) = a @ W_dec + b_dec (+ x @ W_skip.T)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from acgraph.errors import ConfigError
+
+from .activations import Activation, make_activation
+from .config import DictionaryConfig
+
+
+class SparseDictionary(nn.Module):
+    """A sparse dictionary reading ``cfg.hook_in`` and predicting ``cfg.hook_out``."""
+
+    def __init__(
+        self,
+        cfg: DictionaryConfig,
+        *,
+        seed: int | None = 0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        jumprelu_log_space: bool = True,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.d_out
+        kw = {"device": device, "dtype": dtype}
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_out, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, **kw))
+        self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, **kw)) if cfg.has_skip else None
+        self.activation: Activation = make_activation(
+            cfg.activation,
+            d_sae,
+            k=cfg.k,
+            jumprelu_init_threshold=cfg.jumprelu_init_threshold,
+            jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+            jumprelu_log_space=jumprelu_log_space,
+            batchtopk_decay=cfg.batchtopk_threshold_decay,
+        ).to(device=device)
+        self.reset_parameters(seed)
+
+    # ------------------------------------------------------------ init
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = 0) -> None:
+        """Random decoder rows (unit norm; 0.1 for ReLU/JumpReLU), encoder = decoder transposed
+        when d_in == d_out (else an independent random matrix), zero biases and ``W_skip``."""
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(0 if seed is None else seed)
+        d_in, d_sae, d_out = self.cfg.d_in, self.cfg.d_sae, self.cfg.d_out
+        dec = torch.randn(d_sae, d_out, generator=gen, dtype=torch.float32)
+        dec /= dec.norm(dim=-1, keepdim=True)
+        if self.cfg.activation in ("relu", "jumprelu"):
+            dec *= 0.1
+        if d_in == d_out:
+            enc = dec.T.clone()
+        else:
+            enc = torch.randn(d_in, d_sae, generator=gen, dtype=torch.float32)
+            enc *= dec.norm(dim=-1) / enc.norm(dim=0)
+        self.W_dec.copy_(dec)
+        self.W_enc.copy_(enc)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        if self.W_skip is not None:
+            self.W_skip.zero_()
+
+    # ------------------------------------------------------------ forward
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def d_out(self) -> int:
+        return int(self.cfg.d_out)
+
+    @property
+    def threshold(self) -> Tensor | None:
+        """The JumpReLU threshold [d_sae] (JumpReLU and BatchTopK), else None."""
+        if self.cfg.activation not in ("jumprelu", "batchtopk"):
+            return None
+        theta = self.activation.jumprelu_threshold()
+        return theta.expand(self.d_sae).clone() if theta.dim() == 0 else theta
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x.to(self.W_enc.dtype) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Feature activations ``[..., d_sae]`` of input activations ``[..., d_in]``."""
+        return self.activation(self.pre_acts(x))
+
+    def decode(self, acts: Tensor, x: Tensor | None = None) -> Tensor:
+        """Output ``[..., d_out]``; skip transcoders also need the input ``x``."""
+        out = acts @ self.W_dec + self.b_dec
+        if self.W_skip is not None:
+            if x is None:
+                raise ConfigError("a skip transcoder's decode() needs the input activations x")
+            out = out + x.to(self.W_skip.dtype) @ self.W_skip.T
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x), x)
+
+    def forward_with_acts(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(output, acts, pre_acts) in one pass (training and metrics use this)."""
+        pre = self.pre_acts(x)
+        acts = self.activation(pre)
+        return self.decode(acts, x), acts, pre
+
+    # ------------------------------------------------------------ decoder norms
+
+    def decoder_norms(self) -> Tensor:
+        return self.W_dec.norm(dim=-1)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder row to unit norm (in place)."""
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad_(self) -> None:
+        """Project out the gradient component parallel to each (unit) decoder row."""
+        if self.W_dec.grad is None:
+            return
+        rows = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        parallel = (self.W_dec.grad * rows).sum(-1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * rows)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"kind={c.kind}, {c.hook_in} -> {c.hook_out}, d_in={c.d_in}, d_sae={c.d_sae}, "
+            f"d_out={c.d_out}"
+        )

@@ -1,0 +1,317 @@
+"""Training sparse dictionaries: quality, BatchTopK export, shards, exact resume after SIGKILL.
+
+Run as a script (``python tests/test_dictionaries_training.py OUT [--resume] [--slow]``) it
+trains the run that the SIGKILL test interrupts and resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from acgraph.dictionaries import (
+    ActivationStream,
+    DictionaryConfig,
+    StreamPosition,
+    TrainConfig,
+    evaluate_dictionaries,
+    latest_checkpoint,
+    load_dictionary,
+    train_dictionaries,
+)
+from acgraph.errors import ArtifactError, ConfigError
+
+torch.set_num_threads(1)
+
+BOS, PAD = 1, 0
+D = 32
+
+
+def tiny_model() -> HookedTransformer:
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=D,
+        n_ctx=32,
+        d_head=8,
+        n_heads=4,
+        d_mlp=64,
+        d_vocab=50,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        seed=0,
+        model_name="tiny",
+    )
+    model = HookedTransformer(cfg)
+    model.eval()
+    return model
+
+
+def tiny_tokens(n: int = 256, seed: int = 0) -> torch.Tensor:
+    tokens = torch.randint(2, 50, (n, 32), generator=torch.Generator().manual_seed(seed))
+    tokens[:, 0] = BOS
+    tokens[::7, -3:] = PAD  # some padded contexts
+    return tokens
+
+
+def transcoders(activations=("topk", "batchtopk"), **kw) -> list[DictionaryConfig]:
+    return [
+        DictionaryConfig(
+            kind="transcoder",
+            d_in=D,
+            d_sae=128,
+            hook_in=f"blocks.{layer}.ln2.hook_normalized",
+            hooks_out=[f"blocks.{layer}.hook_mlp_out"],
+            activation=act,
+            k=8,
+            dead_tokens=20_000,
+            **kw,
+        )
+        for layer, act in enumerate(activations)
+    ]
+
+
+def resume_run_config() -> TrainConfig:
+    return TrainConfig(
+        total_tokens=120 * 256,
+        batch_size=256,
+        buffer_tokens=2048,
+        lr=5e-3,
+        lr_warmup_steps=10,
+        checkpoint_every=20,
+        progress=False,
+    )
+
+
+def resume_run(out: Path, resume: bool) -> None:
+    configs = transcoders()
+    configs.append(
+        DictionaryConfig(
+            kind="sae",
+            d_in=D,
+            d_sae=64,
+            hook_in="blocks.1.hook_resid_post",
+            activation="jumprelu",
+            l0_coefficient=1e-3,
+        )
+    )
+    train_dictionaries(
+        tiny_model(),
+        tiny_tokens(),
+        configs,
+        out,
+        resume_run_config(),
+        resume=resume,
+        exclude_token_ids=[BOS, PAD],
+    )
+
+
+@pytest.fixture(scope="module")
+def model() -> HookedTransformer:
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def trained(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    cfg = TrainConfig(
+        total_tokens=200 * 256,
+        batch_size=256,
+        buffer_tokens=4096,
+        lr=1e-2,
+        checkpoint_every=0,
+        progress=False,
+    )
+    result = train_dictionaries(
+        model, tiny_tokens(), transcoders(), out, cfg, exclude_token_ids=[BOS, PAD]
+    )
+    return result, out
+
+
+# ---------------------------------------------------------------- quality
+
+
+def test_training_reduces_fvu_well_below_one(model, trained):
+    result, out = trained
+    first, last = result.history[0], result.history[-1]
+    assert first["step"] == 10 and last["step"] == 200
+    held_out = tiny_tokens(48, seed=99)
+    report = evaluate_dictionaries(
+        model, result.dictionaries, held_out, exclude_token_ids=[BOS, PAD], progress=False
+    )
+    for name, entry in report["dictionaries"].items():
+        assert entry["fvu"] < 0.35, (name, entry["fvu"])
+        assert entry["delta_ce"] < 0.05
+    topk = report["dictionaries"]["blocks.0.hook_mlp_out"]
+    assert topk["l0"] == pytest.approx(8.0, abs=0.05)  # at most k, ReLU can drop a few
+    assert report["all"]["ce_recovered_zero"] > 0.5
+    # TopK/BatchTopK decoders stay unit norm
+    for d in result.dictionaries:
+        assert torch.allclose(d.W_dec.norm(dim=-1), torch.ones(128), atol=1e-5)
+    # the final dictionaries were written in the SAELens layout
+    for d in result.dictionaries:
+        loaded = load_dictionary(out / d.cfg.name, model=model)
+        assert torch.equal(loaded.W_enc, d.W_enc)
+    assert (out / "training_log.json").is_file()
+
+
+def test_batchtopk_export_reproduces_training_sparsity(model, trained):
+    result, out = trained
+    batchtopk = load_dictionary(out / "blocks.1.hook_mlp_out")  # saved as jumprelu_transcoder
+    assert batchtopk.cfg.activation == "batchtopk"
+    assert torch.equal(batchtopk.threshold, result.dictionaries[1].threshold)
+    report = evaluate_dictionaries(
+        model,
+        [batchtopk],
+        tiny_tokens(64, seed=7),
+        exclude_token_ids=[BOS, PAD],
+        splice=False,
+        progress=False,
+    )
+    l0 = report["dictionaries"]["blocks.1.hook_mlp_out"]["l0"]
+    assert abs(l0 - 8) / 8 < 0.25, l0
+
+
+def test_stream_excludes_special_tokens_and_is_deterministic(model):
+    tokens = tiny_tokens(16)
+    kw = dict(batch_size=64, buffer_tokens=256, exclude_token_ids=[BOS, PAD], seed=3)
+    a = ActivationStream(model, tokens, ["blocks.0.hook_resid_pre"], **kw)
+    b = ActivationStream(model, tokens, ["blocks.0.hook_resid_pre"], **kw)
+    block = a.raw_block(0)["blocks.0.hook_resid_pre"]
+    contexts = a.block_contexts(0)
+    assert block.shape[0] == int(((contexts != BOS) & (contexts != PAD)).sum())
+    # embeddings of kept tokens only: compare with W_E + W_pos directly
+    keep = (contexts != BOS) & (contexts != PAD)
+    pos = torch.arange(32).expand_as(contexts)
+    expected = model.W_E[contexts[keep]] + model.W_pos[pos[keep]]
+    assert torch.allclose(block, expected, atol=1e-5)
+    batches_a = [batch for _, (_, batch) in zip(range(10), a.batches(), strict=False)]
+    later = [
+        batch for _, (_, batch) in zip(range(4), b.batches(StreamPosition(1, 1)), strict=False)
+    ]
+    n0 = a.batches_in_block(0)
+    assert torch.equal(
+        batches_a[n0 + 1]["blocks.0.hook_resid_pre"], later[0]["blocks.0.hook_resid_pre"]
+    )
+
+
+def test_shards_are_reused(model, tmp_path):
+    tokens = tiny_tokens(64)
+    cfg = TrainConfig(
+        total_tokens=20 * 256, batch_size=256, buffer_tokens=2048, lr=5e-3, progress=False
+    )
+    kw = dict(exclude_token_ids=[BOS, PAD], save_final=False)
+    plain = train_dictionaries(model, tokens, transcoders(("topk",)), None, cfg, **kw)
+    first = train_dictionaries(
+        model, tokens, transcoders(("topk",)), None, cfg, shard_dir=tmp_path, **kw
+    )
+    shards = sorted(tmp_path.glob("block_*.safetensors"))
+    assert shards and (tmp_path / "manifest.json").is_file()
+    calls = []
+    handle = model.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        second = train_dictionaries(
+            model, tokens, transcoders(("topk",)), None, cfg, shard_dir=tmp_path, **kw
+        )
+    finally:
+        handle.remove()
+    assert len(calls) <= 1  # only the one-context width probe ran the model
+    for run in (first, second):
+        assert torch.equal(run.dictionaries[0].W_dec, plain.dictionaries[0].W_dec)
+    other = TrainConfig(**{**cfg.to_dict(), "seed": 1})
+    with pytest.raises(ArtifactError, match="seed"):
+        train_dictionaries(
+            model, tokens, transcoders(("topk",)), None, other, shard_dir=tmp_path, **kw
+        )
+
+
+def test_existing_checkpoint_needs_resume_and_same_settings(model, tmp_path):
+    cfg = TrainConfig(total_tokens=4 * 256, batch_size=256, buffer_tokens=2048, progress=False)
+    train_dictionaries(model, tiny_tokens(32), transcoders(("topk",)), tmp_path, cfg)
+    assert latest_checkpoint(tmp_path) is not None
+    with pytest.raises(ArtifactError, match="resume"):
+        train_dictionaries(model, tiny_tokens(32), transcoders(("topk",)), tmp_path, cfg)
+    changed = TrainConfig(**{**cfg.to_dict(), "batch_size": 128})
+    with pytest.raises(ConfigError, match="batch_size"):
+        train_dictionaries(model, tiny_tokens(32), [], tmp_path, changed, resume=True)
+    with pytest.raises(ArtifactError, match="width 32"):
+        train_dictionaries(model, tiny_tokens(32), transcoders(("topk",), d_out=16), None, cfg)
+
+
+# ---------------------------------------------------------------- exact resume after SIGKILL
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weights = {}
+    for folder in sorted(p for p in out.iterdir() if (p / "cfg.json").is_file()):
+        for key, value in load_file(folder / "sae_weights.safetensors").items():
+            weights[f"{folder.name}/{key}"] = value
+    return weights
+
+
+def test_sigkill_midway_then_resume_matches_an_uninterrupted_run(tmp_path):
+    script = Path(__file__).resolve()
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    resume_run(reference, resume=False)  # in-process: the same code, the same single thread
+
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(interrupted), "--slow"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while latest_checkpoint(interrupted) is None:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = int(latest_checkpoint(interrupted).name.split("_")[1])
+    assert 0 < killed_at < resume_run_config().total_steps
+
+    done = subprocess.run(
+        [sys.executable, str(script), str(interrupted), "--resume"],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    ref, got = _final_weights(reference), _final_weights(interrupted)
+    assert ref.keys() == got.keys() and len(ref) >= 12
+    worst = max(float((ref[k] - got[k]).abs().max()) for k in ref)
+    assert worst <= 1e-6, worst
+
+
+if __name__ == "__main__":
+    out_dir = Path(sys.argv[1])
+    if "--slow" in sys.argv:  # give the killer time to strike after the first checkpoint
+        import acgraph.dictionaries.training as training_module
+
+        real_step = training_module._train_step
+
+        def slow_step(*args, **kwargs):
+            time.sleep(0.02)
+            return real_step(*args, **kwargs)
+
+        training_module._train_step = slow_step
+    resume_run(out_dir, resume="--resume" in sys.argv)
