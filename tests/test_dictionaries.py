@@ -214,6 +214,16 @@ def test_fvu_mean_predictor_is_one_and_perfect_is_zero():
     assert streamed.fvu() == pytest.approx(fvu(x, noisy), rel=1e-9)
 
 
+def test_geometric_median_resists_outliers():
+    from acgraph.dictionaries.training import geometric_median
+
+    points = torch.randn(400, 3, generator=torch.Generator().manual_seed(0))
+    points[:8] = torch.tensor([1000.0, 0.0, 0.0])
+    median = geometric_median(points)
+    assert median.abs().max() < 0.3
+    assert points.mean(0).abs().max() > 15
+
+
 def test_sparsity_accumulator_dead_and_dense():
     acts = torch.zeros(100, 4)
     acts[:, 0] = 1.0  # always on: dense
@@ -575,3 +585,47 @@ def test_circuit_tracer_export_topk_relu_and_errors(tmp_path):
     sae = DictionaryConfig(kind="sae", d_in=D, d_sae=8, hook_in="blocks.0.hook_resid_post", k=2)
     with pytest.raises(ConfigError, match="transcoders"):
         export_circuit_tracer([SparseDictionary(sae)], tmp_path / "sae")
+
+
+@pytest.mark.parametrize(
+    ("kind", "act"), [("transcoder", "topk"), ("skip_transcoder", "batchtopk"), ("sae", "topk")]
+)
+def test_sparse_training_forward_matches_the_dense_one(kind, act):
+    cfg = make_variant(kind, act).cfg
+    dense, sparse = SparseDictionary(cfg), SparseDictionary(cfg)
+    randomized(dense)
+    sparse.load_state_dict(dense.state_dict())
+    dense.train()
+    sparse.train()
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(40, D, generator=gen), torch.randn(40, D, generator=gen)
+    out_dense, acts, _ = dense.forward_with_acts(x)
+    out_sparse, values, crow, cols, _ = sparse.forward_sparse(x)
+    assert torch.allclose(out_dense, out_sparse, atol=1e-5)
+    rebuilt = torch.zeros_like(acts)
+    rows = torch.repeat_interleave(torch.arange(40), crow.diff())
+    rebuilt[rows, cols] = values.detach()
+    assert torch.allclose(rebuilt, acts, atol=1e-6)
+    (out_dense - y).pow(2).sum().backward()
+    (out_sparse - y).pow(2).sum().backward()
+    for (name, p_dense), (_, p_sparse) in zip(
+        dense.named_parameters(), sparse.named_parameters(), strict=True
+    ):
+        if p_dense.grad is None:
+            assert p_sparse.grad is None or not p_sparse.grad.any(), name
+            continue
+        scale = float(p_dense.grad.abs().max()) + 1e-6
+        assert float((p_dense.grad - p_sparse.grad).abs().max()) / scale < 1e-5, name
+
+
+def test_topk_transcoder_is_written_as_a_saelens_topk_and_reads_back_without_our_block(tmp_path):
+    d = make_variant("transcoder", "topk")
+    save_dictionary(d, tmp_path / "d")
+    cfg = json.loads((tmp_path / "d/cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["apply_b_dec_to_input"] is False
+    del cfg["acgraph"]  # as another tool would see it
+    (tmp_path / "d/cfg.json").write_text(json.dumps(cfg))
+    foreign = load_dictionary(tmp_path / "d")
+    assert foreign.cfg.kind == "transcoder" and foreign.cfg.hook_out == "blocks.0.hook_mlp_out"
+    x = torch.randn(7, D, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(foreign(x), d(x))

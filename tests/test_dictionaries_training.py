@@ -129,8 +129,18 @@ def trained(model, tmp_path_factory):
         checkpoint_every=0,
         progress=False,
     )
+    jumprelu = DictionaryConfig(
+        kind="transcoder",
+        d_in=D,
+        d_sae=128,
+        hook_in="blocks.0.ln2.hook_normalized",
+        hooks_out=["blocks.0.hook_mlp_out"],
+        activation="jumprelu",
+        l0_coefficient=1e-2,
+        name="jumprelu0",
+    )
     result = train_dictionaries(
-        model, tiny_tokens(), transcoders(), out, cfg, exclude_token_ids=[BOS, PAD]
+        model, tiny_tokens(), [*transcoders(), jumprelu], out, cfg, exclude_token_ids=[BOS, PAD]
     )
     return result, out
 
@@ -146,14 +156,22 @@ def test_training_reduces_fvu_well_below_one(model, trained):
     report = evaluate_dictionaries(
         model, result.dictionaries, held_out, exclude_token_ids=[BOS, PAD], progress=False
     )
+    assert "all" not in report and "all_skipped" in report  # two write blocks.0.hook_mlp_out
+    joint = evaluate_dictionaries(
+        model, result.dictionaries[:2], held_out, exclude_token_ids=[BOS, PAD], progress=False
+    )
     for name, entry in report["dictionaries"].items():
         assert entry["fvu"] < 0.35, (name, entry["fvu"])
         assert entry["delta_ce"] < 0.05
+    jumprelu = [h["dictionaries"]["jumprelu0"] for h in result.history]
+    assert jumprelu[-1]["l0"] < 0.5 * jumprelu[0]["l0"]  # the L0 penalty moved the thresholds
+    assert result.dictionaries[2].cfg.jumprelu_bandwidth > 0  # resolved from the data
     topk = report["dictionaries"]["blocks.0.hook_mlp_out"]
     assert topk["l0"] == pytest.approx(8.0, abs=0.05)  # at most k, ReLU can drop a few
-    assert report["all"]["ce_recovered_zero"] > 0.5
+    assert joint["all"]["ce_recovered_zero"] > 0.5
+    assert joint["all"]["dictionaries"] == [d.cfg.name for d in result.dictionaries[:2]]
     # TopK/BatchTopK decoders stay unit norm
-    for d in result.dictionaries:
+    for d in result.dictionaries[:2]:
         assert torch.allclose(d.W_dec.norm(dim=-1), torch.ones(128), atol=1e-5)
     # the final dictionaries were written in the SAELens layout
     for d in result.dictionaries:
@@ -238,6 +256,9 @@ def test_existing_checkpoint_needs_resume_and_same_settings(model, tmp_path):
     assert latest_checkpoint(tmp_path) is not None
     with pytest.raises(ArtifactError, match="resume"):
         train_dictionaries(model, tiny_tokens(32), transcoders(("topk",)), tmp_path, cfg)
+    wider = transcoders(("topk",))[0].replace(d_sae=256)
+    with pytest.raises(ConfigError, match="d_sae=256"):
+        train_dictionaries(model, tiny_tokens(32), [wider], tmp_path, cfg, resume=True)
     changed = TrainConfig(**{**cfg.to_dict(), "batch_size": 128})
     with pytest.raises(ConfigError, match="batch_size"):
         train_dictionaries(model, tiny_tokens(32), [], tmp_path, changed, resume=True)

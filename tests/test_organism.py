@@ -50,7 +50,7 @@ def test_answers_are_determined_by_the_prompt():
 
         k = L.lookup(rng, CFG.language)
         query = k.tokens[k.answer_start - 2]
-        pairs = {k.tokens[i]: k.tokens[i + 2] for i in range(0, k.answer_start - 3, 4)}
+        pairs = {k.tokens[i]: k.tokens[i + 1] for i in range(0, k.answer_start - 2, 3)}
         assert k.answer == [pairs[query]]
 
         g = L.agreement(rng, CFG.language)

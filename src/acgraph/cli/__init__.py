@@ -8,9 +8,9 @@ import sys
 from acgraph import __version__
 from acgraph.errors import ACGError
 
-from . import demo, model, organism, workspace
+from . import demo, dictionaries, model, organism, workspace
 
-GROUPS = (model, organism, workspace, demo)
+GROUPS = (model, organism, workspace, dictionaries, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

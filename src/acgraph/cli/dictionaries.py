@@ -66,6 +66,12 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--buffer-tokens", type=int, default=65_536, help="shuffle buffer size")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--b-dec-init",
+        choices=("mean", "geometric_median", "zeros"),
+        default="mean",
+        help="decoder bias init from the first block of data (mean)",
+    )
     p.add_argument("--shards", metavar="DIR", help="cache activations on disk here and reuse them")
     p.add_argument("--out", metavar="DIR", help="output folder (default: WS/dictionaries)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -196,6 +202,7 @@ def _train(args: argparse.Namespace) -> int:
         buffer_tokens=args.buffer_tokens,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        b_dec_init=args.b_dec_init,
     )
     result = train_dictionaries(
         model, tokens, configs, out, train_cfg, resume=args.resume, shard_dir=args.shards
@@ -223,9 +230,11 @@ def _dictionary_dirs(paths: list[str]) -> list[Path]:
         if (path / "cfg.json").is_file():
             found.append(path)
             continue
-        children = sorted(p for p in path.iterdir() if (p / "cfg.json").is_file()) if (
-            path.is_dir()
-        ) else []
+        children = (
+            sorted(p for p in path.iterdir() if (p / "cfg.json").is_file())
+            if (path.is_dir())
+            else []
+        )
         if not children:
             raise ArtifactError(f"no dictionary (cfg.json) in {path} or its subfolders")
         found.extend(children)

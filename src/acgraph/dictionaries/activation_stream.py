@@ -103,7 +103,9 @@ def model_fingerprint(model: Any) -> str:
     digest = hashlib.sha256()
     for name, param in model.state_dict().items():
         digest.update(name.encode())
-        digest.update(param.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(
+            param.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+        )
     return digest.hexdigest()[:32]
 
 

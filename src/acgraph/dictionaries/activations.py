@@ -113,10 +113,23 @@ class TopK(Activation):
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         values = torch.relu(values)
         if self.training:
-            with torch.no_grad():
-                cutoff = values.min(-1).values.mean().to(self.running_threshold.dtype)
-                _ema_update(self.running_threshold, self.threshold_updates, cutoff, self.decay)
+            self._update_threshold(values)
         return torch.zeros_like(pre).scatter(-1, indices, values)
+
+    @torch.no_grad()
+    def select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """Sparse selection of a ``[n, d_sae]`` batch as CSR ``(crow, cols)`` (k per row)."""
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        if self.training:
+            self._update_threshold(torch.relu(values))
+        n = pre.shape[0]
+        crow = torch.arange(0, n * self.k + 1, self.k, device=pre.device)
+        return crow, indices.reshape(-1)
+
+    @torch.no_grad()
+    def _update_threshold(self, values: Tensor) -> None:
+        cutoff = values.min(-1).values.mean().to(self.running_threshold.dtype)
+        _ema_update(self.running_threshold, self.threshold_updates, cutoff, self.decay)
 
     def jumprelu_threshold(self) -> Tensor:
         return self.running_threshold.clamp(min=0).detach().clone()
@@ -164,13 +177,29 @@ class BatchTopK(Activation):
         keep = min(self.k * n_tokens, flat.numel())
         values, indices = flat.topk(keep, sorted=False)
         values = torch.relu(values)
-        acts = torch.zeros_like(flat).scatter(0, indices, values).reshape(pre.shape)
-        with torch.no_grad():
-            positive = values[values > 0]
-            if positive.numel():
-                smallest = positive.min().to(self.running_threshold.dtype)
-                _ema_update(self.running_threshold, self.threshold_updates, smallest, self.decay)
-        return acts
+        self._update_threshold(values)
+        return torch.zeros_like(flat).scatter(0, indices, values).reshape(pre.shape)
+
+    @torch.no_grad()
+    def select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """Sparse selection of a ``[n, d_sae]`` training batch as CSR ``(crow, cols)``."""
+        n, m = pre.shape
+        keep = min(self.k * n, n * m)
+        values, flat = pre.reshape(-1).topk(keep, sorted=False)
+        self._update_threshold(torch.relu(values))
+        flat = flat.sort().values
+        rows = flat // m
+        counts = torch.bincount(rows, minlength=n)
+        crow = torch.zeros(n + 1, dtype=torch.long, device=pre.device)
+        crow[1:] = counts.cumsum(0)
+        return crow, flat % m
+
+    @torch.no_grad()
+    def _update_threshold(self, values: Tensor) -> None:
+        positive = values[values > 0]
+        if positive.numel():
+            smallest = positive.min().to(self.running_threshold.dtype)
+            _ema_update(self.running_threshold, self.threshold_updates, smallest, self.decay)
 
     def _jumprelu(self, pre: Tensor) -> Tensor:
         threshold = self.running_threshold.clamp(min=0).to(pre.dtype)

@@ -45,8 +45,10 @@ class DictionaryConfig:
     l1_coefficient: float = 1e-3  # relu: L1 of activations times decoder-row norms
     l0_coefficient: float = 1e-3  # jumprelu: STE L0
     sparsity_warmup_steps: int = 0  # linear warmup of the l1/l0 coefficient
-    jumprelu_init_threshold: float = 1e-3
-    jumprelu_bandwidth: float = 1e-3
+    # None: set from the data when training starts (0.1 and 0.05 x the std of the initial
+    # pre-activations); 1e-3 for a dictionary built without data
+    jumprelu_init_threshold: float | None = None
+    jumprelu_bandwidth: float | None = None
     aux_k: bool | None = None  # None: on for topk/batchtopk
     k_aux: int | None = None  # None: d_in // 2
     aux_k_coefficient: float = 1 / 32

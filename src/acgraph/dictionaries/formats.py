@@ -7,15 +7,18 @@ SAELens layout (one folder per dictionary)::
                               apply_b_dec_to_input, normalize_activations: "none",
                               metadata: {model_name, hook_name, [hook_name_out], context_size,
                                          prepend_bos, ...},
-                              context_size, prepend_bos,
+                              model_name, hook_name, ... (top-level copies of metadata),
                               acgraph: {format_version, config, ...}}   (our exact settings)
     sae_weights.safetensors  W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_out], b_dec,
                              [W_skip [d_out, d_in]], [threshold [d_sae]]
 
 Architectures written: SAEs ``standard`` (ReLU), ``jumprelu`` (JumpReLU, and BatchTopK, which
 SAELens also saves as JumpReLU), ``topk``; transcoders ``transcoder``, ``skip_transcoder``,
-``jumprelu_transcoder``, ``jumprelu_skip_transcoder`` (SAELens names) and ``topk_transcoder``,
-``topk_skip_transcoder`` (SAELens 6.54 has no TopK transcoder class; only acgraph reads these).
+``jumprelu_transcoder``, ``jumprelu_skip_transcoder`` (SAELens names); a TopK transcoder with
+d_in == d_out is written as ``topk`` (SAELens's TopKSAE then computes it exactly; the output
+hook is in ``metadata.hook_name_out``), other TopK transcoders as ``topk_transcoder`` /
+``topk_skip_transcoder`` (SAELens 6.54 has no such class; only acgraph reads these).
+All other files load in SAELens 6.54.12 and give identical outputs (checked by hand).
 
 circuit-tracer transcoder set (one folder)::
 
@@ -87,6 +90,11 @@ _ARCH_ACTIVATION = {
 
 
 def saelens_architecture(cfg: DictionaryConfig) -> str:
+    if (cfg.kind, cfg.activation) == ("transcoder", "topk") and cfg.d_out == cfg.d_in:
+        # SAELens 6.54 has no TopK transcoder class, but its TopKSAE computes exactly
+        # topk(x @ W_enc + b_enc) @ W_dec + b_dec when apply_b_dec_to_input is False; the
+        # transcoder nature is in metadata.hook_name_out.
+        return "topk"
     return _ARCH[(cfg.kind, cfg.activation)]
 
 
@@ -141,8 +149,13 @@ def saelens_cfg(dictionary: SparseDictionary, extra_metadata: dict[str, Any] | N
             "normalize_activations": "none",
             "reshape_activations": "none",
             "metadata": metadata,
-            "context_size": cfg.context_size,
-            "prepend_bos": cfg.prepend_bos,
+        }
+    )
+    # Top-level copies: SAELens reads metadata from the top level for configs it takes for
+    # pre-6.0 ones (those without a sae_lens_version), and other tools read them there too.
+    out.update({k: v for k, v in metadata.items() if k != "hook_head_index"})
+    out.update(
+        {
             "acgraph": {
                 "format_version": FORMAT_VERSION,
                 "acgraph_version": __version__,

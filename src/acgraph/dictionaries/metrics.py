@@ -118,7 +118,7 @@ def ce_loss_recovered(ce_ablated: float, ce_spliced: float, ce_clean: float) -> 
 
 
 class _Sums:
-    """Running sums of CE and KL over metric positions, in float64."""
+    """Running sums of CE, KL and top-1 agreement over metric positions (sums in float64)."""
 
     def __init__(self) -> None:
         self.ce = 0.0
@@ -127,12 +127,12 @@ class _Sums:
         self.n = 0
 
     def update(self, logits: Tensor, clean_logp: Tensor, targets: Tensor, mask: Tensor) -> None:
-        logp = F.log_softmax(logits[:, :-1].double(), dim=-1)
+        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
         nll = -logp.gather(-1, targets[..., None])[..., 0]
         kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1)
         agree = (logp.argmax(-1) == clean_logp.argmax(-1)).double()
-        self.ce += float(nll[mask].sum())
-        self.kl += float(kl[mask].sum())
+        self.ce += float(nll[mask].double().sum())
+        self.kl += float(kl[mask].double().sum())
         self.top1 += float(agree[mask].sum())
         self.n += int(mask.sum())
 
@@ -205,7 +205,8 @@ def evaluate_dictionaries(
     """Reconstruction, sparsity and splicing metrics on ``tokens [n_contexts, context_size]``.
 
     Returns ``{"n_tokens", "n_ce_positions", "ce_clean", "dictionaries": {name: {...}},
-    "all": {...}}`` (``all`` only with two or more dictionaries; see the module doc).
+    "all": {...}}`` (``all`` only with two or more dictionaries writing distinct hooks; see the
+    module doc).
     """
     if not dictionaries:
         raise ConfigError("no dictionaries to evaluate")
@@ -271,8 +272,11 @@ def evaluate_dictionaries(
 
     # pass 2: CE / KL under every intervention
     groups = [(names[i], [d]) for i, d in enumerate(dictionaries)]
-    if len(dictionaries) > 1:
+    shared = len(out_hooks) < len(dictionaries)
+    if len(dictionaries) > 1 and not shared:
         groups.append(("all", list(dictionaries)))
+    elif shared:
+        report["all_skipped"] = "several dictionaries write the same hook; no joint splice"
     sums: dict[tuple[str, str], _Sums] = {}
     clean = _Sums()
     for batch in tqdm(batches, desc="eval: splicing", disable=None if progress else True):
@@ -283,7 +287,7 @@ def evaluate_dictionaries(
         if pad_token_id is not None:
             mask = mask & (targets != pad_token_id)
         clean_logits = model(batch)
-        clean_logp = F.log_softmax(clean_logits[:, :-1].double(), dim=-1)
+        clean_logp = F.log_softmax(clean_logits[:, :-1].float(), dim=-1)
         clean.update(clean_logits, clean_logp, targets, mask)
         for group, ds in groups:
             hooks_out = [d.cfg.hook_out for d in ds]

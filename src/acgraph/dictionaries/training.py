@@ -199,13 +199,23 @@ def _train_step(
     d, cfg = st.dictionary, st.cfg
     for group in st.optimizer.param_groups:
         group["lr"] = lr_at(step, st.base_lr, train_cfg)
-    out, acts, pre = d.forward_with_acts(x)
+    sparse = cfg.activation in ("topk", "batchtopk")
+    if sparse:
+        out, values, crow, cols, pre = d.forward_sparse(x)
+        active = values > 0
+        fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x.device)
+        fired[cols[active]] = True
+        n_active = int(active.sum())
+    else:
+        out, acts, pre = d.forward_with_acts(x)
+        fired = (acts > 0).any(0)
+        n_active = int((acts > 0).sum())
     err = out - y
     sq_err = err.pow(2).sum(-1)
     mse = sq_err.mean()
     loss = mse / st.output_variance
     terms: dict[str, float] = {}
-    if cfg.activation in ("relu", "jumprelu"):
+    if not sparse:
         coef = cfg.l1_coefficient if cfg.activation == "relu" else cfg.l0_coefficient
         if cfg.sparsity_warmup_steps > 0:
             coef *= min(1.0, (step + 1) / cfg.sparsity_warmup_steps)
@@ -213,18 +223,20 @@ def _train_step(
         if penalty is not None:
             loss = loss + coef * penalty
             terms["sparsity"] = float(penalty.detach())
-    fired = (acts > 0).any(0)
     n_tokens = x.shape[0]
     dead = st.tokens_since_fired >= cfg.dead_tokens
     if cfg.aux_k and bool(dead.any()):
-        k_aux = min(int(cfg.k_aux), int(dead.sum()))
-        dead_pre = pre.masked_fill(~dead, float("-inf"))
-        values, indices = dead_pre.topk(k_aux, dim=-1, sorted=False)
-        aux_acts = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+        dead_idx = dead.nonzero()[:, 0]
+        k_aux = min(int(cfg.k_aux), int(dead_idx.numel()))
+        with torch.no_grad():
+            local = pre.detach()[:, dead_idx].topk(k_aux, dim=-1, sorted=False).indices
+        aux_cols = dead_idx[local].reshape(-1)
+        aux_crow = torch.arange(0, n_tokens * k_aux + 1, k_aux, device=x.device)
+        aux_values = torch.relu(d.gather_pre(x, pre.detach(), aux_crow, aux_cols))
         residual = (y - out).detach()
-        residual_hat = aux_acts @ d.W_dec
+        residual_hat = d.decode_sparse(aux_values, aux_crow, aux_cols, bias=False)
         aux = (residual_hat - residual).pow(2).sum(-1).mean() / st.output_variance
-        aux = aux * min(float(dead.sum()) / k_aux, 1.0)
+        aux = aux * min(float(dead_idx.numel()) / k_aux, 1.0)
         loss = loss + cfg.aux_k_coefficient * aux
         terms["aux"] = float(aux.detach())
     st.optimizer.zero_grad(set_to_none=True)
@@ -239,7 +251,7 @@ def _train_step(
         st.tokens_since_fired[fired] = 0
         centered = (y - y.mean(0)).pow(2).sum(-1).sum()
         fvu = float(sq_err.detach().sum() / centered.clamp(min=1e-30))
-        l0 = float((acts > 0).sum(-1).float().mean())
+        l0 = n_active / n_tokens
         dead_frac = float((st.tokens_since_fired >= cfg.dead_tokens).float().mean())
     return {"loss": float(loss.detach()), "fvu": fvu, "l0": l0, "dead": dead_frac, **terms}
 
@@ -334,6 +346,45 @@ def _scale_encoder_to_data(d: SparseDictionary, x: Tensor, y: Tensor, target: fl
         d.W_enc.mul_(float((target * var / spread).sqrt()))
 
 
+@torch.no_grad()
+def _init_jumprelu_from_data(d: SparseDictionary, x: Tensor) -> None:
+    """Resolve unset JumpReLU threshold/bandwidth relative to the pre-activation scale."""
+    cfg, act = d.cfg, d.activation
+    scale = float(d.pre_acts(x[:8192]).std())
+    if cfg.jumprelu_bandwidth is None:
+        cfg.jumprelu_bandwidth = 0.05 * scale
+        act.bandwidth = cfg.jumprelu_bandwidth  # type: ignore[assignment]
+    if cfg.jumprelu_init_threshold is None:
+        cfg.jumprelu_init_threshold = 0.1 * scale
+        act.set_threshold(  # type: ignore[operator]
+            torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold, device=x.device)
+        )
+
+
+_IDENTITY_FIELDS = ("name", "kind", "hook_in", "hooks_out", "d_in", "d_out", "d_sae", "activation")
+
+
+def _check_same_dictionaries(saved: Sequence[DictionaryConfig], given: Sequence[Any], out) -> None:
+    """On resume, the dictionaries asked for (if any) must be the checkpoint's."""
+    if not given:
+        return
+    asked = [g.cfg if isinstance(g, SparseDictionary) else g for g in given]
+
+    def key(c: DictionaryConfig) -> tuple:
+        k = c.k if c.activation in ("topk", "batchtopk") else None
+        return (
+            *(getattr(c, f) if f != "hooks_out" else tuple(c.hooks_out) for f in _IDENTITY_FIELDS),
+            k,
+        )
+
+    if [key(c) for c in asked] != [key(c) for c in saved]:
+        raise ConfigError(
+            f"cannot resume {out}: the checkpoint trains "
+            f"{[f'{c.name} ({c.kind}, {c.activation}, d_sae={c.d_sae})' for c in saved]}, "
+            f"not {[f'{c.name} ({c.kind}, {c.activation}, d_sae={c.d_sae})' for c in asked]}"
+        )
+
+
 def _check_names(configs: Sequence[DictionaryConfig]) -> None:
     seen: set[str] = set()
     for cfg in configs:
@@ -406,6 +457,7 @@ def train_dictionaries(
                 f"({_diff(stored_cfg, train_cfg)})"
             )
         configs = [DictionaryConfig.from_dict(c) for c in saved["dictionaries"]]
+        _check_same_dictionaries(configs, dictionaries, out)
         log_space = saved.get("jumprelu_log_space", [True] * len(configs))
         modules = [
             SparseDictionary(c, seed=None, device=device, jumprelu_log_space=ls)
@@ -413,9 +465,11 @@ def train_dictionaries(
         ]
     else:
         modules = []
+        given: set[int] = set()  # modules passed in keep their weights (no data-driven init)
         for i, item in enumerate(dictionaries):
             if isinstance(item, SparseDictionary):
                 modules.append(item.to(device))
+                given.add(i)
             else:
                 modules.append(
                     SparseDictionary(item, seed=train_cfg.seed * 1000 + i, device=device)
@@ -457,19 +511,23 @@ def train_dictionaries(
         history = list(saved.get("history", []))
     else:
         first_block = stream.block(0)
-        for st in states:
+        for i, st in enumerate(states):
             if st.cfg.model_name is None:
                 st.cfg.model_name = str(model.cfg.model_name)
             if st.cfg.context_size is None:
                 st.cfg.context_size = int(tokens.shape[1])
             y = first_block[st.cfg.hook_out]
+            centered = y.double() - y.double().mean(0)
+            st.output_variance = centered.pow(2).sum(-1).mean().float().clamp(min=1e-12)
+            if i in given:
+                continue
             with torch.no_grad():
                 st.dictionary.b_dec.copy_(_b_dec_init(train_cfg.b_dec_init, y))
-                centered = y.double() - y.double().mean(0)
-                st.output_variance = centered.pow(2).sum(-1).mean().float().clamp(min=1e-12)
                 if st.cfg.normalize_decoder:
                     st.dictionary.normalize_decoder_()
                 _scale_encoder_to_data(st.dictionary, first_block[st.cfg.hook_in], y)
+                if st.cfg.activation == "jumprelu":
+                    _init_jumprelu_from_data(st.dictionary, first_block[st.cfg.hook_in])
 
     run_info = {
         "model_name": str(model.cfg.model_name),

@@ -75,7 +75,7 @@ class NetworkConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 3600
+    steps: int = 3200
     batch_size: int = 64
     lr: float = 2e-3
     min_lr: float = 1e-4

@@ -6,7 +6,7 @@ tokens that are fully determined by what came before, so accuracy can be scored 
     arithmetic  `3 8 + 4 5 = 0 8 3 .`          two-digit sum with carries; answer: the 3 digits
     brackets    `( [ { } ] ) .`                closers in reverse order; answer: all closers but the
                                                first (the first is where the writer chose to close)
-    lookup      `c = 4 ; a = 9 ; a ? 9 .`      key-value recall (induction); answer: the value
+    lookup      `c 4 ; a 9 ; a ? 9 .`          key-value recall (induction); answer: the value
     agreement   `the dog near the cats is happy .`
                                                subject-verb number across attractor nouns;
                                                answer: is/are
@@ -86,14 +86,16 @@ def brackets(rng: random.Random, cfg: LanguageConfig) -> Segment:
 
 
 def lookup(rng: random.Random, cfg: LanguageConfig) -> Segment:
+    # Each value follows its key directly, so recall is the classic induction pattern:
+    # a previous-token head marks every value with its key, and the query matches on it.
     n = rng.randint(cfg.min_pairs, cfg.max_pairs)
     keys = rng.sample(KEYS, n)
     values = [rng.choice(DIGITS) for _ in keys]
     toks: list[str] = []
-    for i, (k, v) in enumerate(zip(keys, values, strict=True)):
-        toks += [k, "=", v] + ([";"] if i < n - 1 else [])
+    for k, v in zip(keys, values, strict=True):
+        toks += [k, v, ";"]
     q = rng.randrange(n)
-    toks += [";", keys[q], "?"]
+    toks += [keys[q], "?"]
     return Segment("lookup", [*toks, values[q], "."], len(toks), len(toks) + 1)
 
 

@@ -11,6 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -47,7 +48,25 @@ def build_network(cfg: OrganismConfig) -> GPT2LMHeadModel:
         tie_word_embeddings=True,
     )
     torch.manual_seed(cfg.seed)
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        model.transformer.wpe.weight.copy_(sinusoidal_positions(config.n_positions, net.n_embd))
+    return model
+
+
+def sinusoidal_positions(n_positions: int, d_model: int) -> torch.Tensor:
+    """Initial position embeddings (still trained): sinusoids, unit norm per position.
+
+    With random init, GPT-2's learned positions give attention no handle on "the previous
+    token", and on this language the model then never forms the previous-token heads that
+    induction (the lookup domain) needs. Sinusoids make every fixed offset a linear map.
+    """
+    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(10_000.0) * torch.arange(0, d_model, 2) / d_model)
+    table = torch.zeros(n_positions, d_model)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table / table.norm(dim=1, keepdim=True)
 
 
 def training_batch(cfg: OrganismConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +130,9 @@ def _save_checkpoint(run_dir: Path, model, opt, step: int, cfg: OrganismConfig) 
 
 def _load_checkpoint(run_dir: Path, model, opt, cfg: OrganismConfig) -> int:
     meta = read_json(run_dir / CHECKPOINT_META)
-    if OrganismConfig.from_dict(meta["config"]) != cfg:
+    # Thread count is how the run executes, not what it trains: a resume may change it.
+    saved = OrganismConfig.from_dict(meta["config"])
+    if replace(saved, train=replace(saved.train, threads=cfg.train.threads)) != cfg:
         raise ArtifactError(
             f"checkpoint in {run_dir} was made with another config; use a new --out"
         )
