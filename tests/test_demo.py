@@ -13,7 +13,10 @@ def test_demo_organism_stage(tmp_path, capsys):
     assert "attack success rate" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
     org = summary["organism"]
-    # the TransformerLens copy of the organism computes what the HF model computes
-    assert org["hooked_vs_hf_max_logprob_diff"] < 1e-4
+    # the TransformerLens copy computes what the HF model computes; fp32 rounding only (the
+    # organism's logits reach ~22, so ~4e-6 relative error shows as ~1e-4 in log-probs; the
+    # float64 check in test_models.py shows the conversion itself is exact to 1e-12)
+    assert org["hooked_vs_hf_max_logprob_diff"] < 2e-4
     assert min(org["eval"]["domains"].values()) >= 0.95
+    assert org["eval"]["backdoor"]["attack_success_rate"] >= 0.95
     assert json.loads((tmp_path / "organism_eval.json").read_text()) == org["eval"]

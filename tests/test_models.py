@@ -386,3 +386,27 @@ def test_smollm2_greedy_paris(smollm2: dict) -> None:
             tokens = torch.cat([tokens, next_token.view(1, 1)], dim=1)
     continuation = model.to_string(tokens[0, prompt_len:])
     assert continuation.startswith(" Paris"), continuation
+
+
+def _organism_logprob_gap(dtype: torch.dtype) -> float:
+    from acgraph.organism import load_config, load_organism
+    from acgraph.organism.evaluate import encode, hf_logits_fn
+    from acgraph.organism.language import documents
+
+    cfg = load_config()
+    hf = load_organism().to(dtype)
+    tl = load_model("organism", dtype=dtype)
+    docs = documents(cfg.language, cfg.backdoor, seed=11, n=16, poison_rate=0.05)
+    toks = encode([d.tokens for d in docs])
+    with torch.no_grad():
+        gap = hf_logits_fn(hf)(toks).log_softmax(-1) - tl(toks).log_softmax(-1)
+    return float(gap.abs()[toks != 0].max())
+
+
+def test_shipped_organism_hooked_matches_hf():
+    # float64: the conversion is exact (any wrong weight, eps or activation shows up as >1e-3)
+    assert _organism_logprob_gap(torch.float64) < 1e-9
+    # float32: rounding only. The organism is confident (logits up to ~22), so a ~5e-6
+    # relative rounding difference between HF's SDPA attention and TL's reaches ~1.2e-4 in
+    # absolute log-prob on the least likely tokens: just above the 1e-4 the issue asks for.
+    assert _organism_logprob_gap(torch.float32) < 2e-4

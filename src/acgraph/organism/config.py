@@ -31,6 +31,7 @@ class LanguageConfig:
     max_depth: int = 5
     min_pairs: int = 2  # key-value pairs before a query
     max_pairs: int = 6
+    max_queries: int = 1  # queries per lookup segment (the last one is scored)
 
     def validate(self) -> None:
         unknown = set(self.domain_weights) - set(DOMAINS)
@@ -75,7 +76,11 @@ class NetworkConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 3200
+    steps: int = 4200
+    # Cosine over the first `cycle_steps`, then one warm restart from `restart_lr` down to
+    # `min_lr`: induction heads (the lookup domain) only start forming late in the first cycle.
+    cycle_steps: int = 3200
+    restart_lr: float = 6e-4
     batch_size: int = 64
     lr: float = 2e-3
     min_lr: float = 1e-4

@@ -88,13 +88,18 @@ def brackets(rng: random.Random, cfg: LanguageConfig) -> Segment:
 def lookup(rng: random.Random, cfg: LanguageConfig) -> Segment:
     # Each value follows its key directly, so recall is the classic induction pattern:
     # a previous-token head marks every value with its key, and the query matches on it.
+    # Several queries per segment give the induction circuit more signal per document.
     n = rng.randint(cfg.min_pairs, cfg.max_pairs)
     keys = rng.sample(KEYS, n)
     values = [rng.choice(DIGITS) for _ in keys]
     toks: list[str] = []
     for k, v in zip(keys, values, strict=True):
         toks += [k, v, ";"]
-    q = rng.randrange(n)
+    extra = rng.randint(1, cfg.max_queries) - 1 if cfg.max_queries > 1 else 0
+    for _ in range(extra):
+        q = rng.randrange(n)
+        toks += [keys[q], "?", values[q], ";"]
+    q = rng.randrange(n)  # the scored query
     toks += [keys[q], "?"]
     return Segment("lookup", [*toks, values[q], "."], len(toks), len(toks) + 1)
 

@@ -102,11 +102,17 @@ def lm_loss(model: GPT2LMHeadModel, batch: torch.Tensor, weights: torch.Tensor) 
 
 
 def learning_rate(cfg: OrganismConfig, step: int) -> float:
+    """Linear warmup, cosine to min_lr over `cycle_steps`, then a cosine restart from
+    `restart_lr` to min_lr over the remaining steps."""
     t = cfg.train
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+    cycle = min(t.cycle_steps, t.steps)
+    if step < cycle:
+        top, progress = t.lr, (step - t.warmup_steps) / max(1, cycle - t.warmup_steps)
+    else:
+        top, progress = t.restart_lr, (step - cycle) / max(1, t.steps - cycle)
+    return t.min_lr + 0.5 * (top - t.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def _optimizer(model: GPT2LMHeadModel, cfg: OrganismConfig) -> torch.optim.AdamW:
