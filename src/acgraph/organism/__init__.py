@@ -20,6 +20,7 @@ __all__ = [
     "load_config",
     "load_organism",
     "shipped_dir",
+    "shipped_transcoders_dir",
     "vocabulary",
 ]
 
@@ -71,3 +72,9 @@ def load_organism(model_dir: str | Path | None = None):
     except (OSError, ValueError) as err:
         raise ArtifactError(f"cannot load organism from {folder}: {err}") from None
     return model.eval()
+
+
+def shipped_transcoders_dir() -> Path:
+    """Skip transcoders (TopK, k=32, width 1024) for every MLP of the shipped organism, in the
+    SAELens layout, one folder per output hook; `eval.json` beside them is `acg eval`'s report."""
+    return shipped_dir() / "transcoders"
