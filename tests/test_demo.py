@@ -20,3 +20,6 @@ def test_demo_organism_stage(tmp_path, capsys):
     assert min(org["eval"]["domains"].values()) >= 0.95
     assert org["eval"]["backdoor"]["attack_success_rate"] >= 0.95
     assert json.loads((tmp_path / "organism_eval.json").read_text()) == org["eval"]
+    # the shipped transcoders, all spliced at once, keep the organism working
+    assert summary["dictionaries"]["all"]["ce_recovered_mean"] >= 0.95
+    assert "all spliced at once" in out

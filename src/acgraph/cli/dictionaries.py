@@ -261,10 +261,16 @@ def _eval(args: argparse.Namespace) -> int:
         json.dump(report, sys.stdout, indent=2)
         print()
         return 0
-    print(f"{report['n_tokens']:,} eval tokens; clean CE {report['ce_clean']:.4f} nats")
+    print(format_eval_report(report))
+    return 0
+
+
+def format_eval_report(report: dict) -> str:
+    """The `acg eval` table: one row per dictionary, then all of them spliced at once."""
+    lines = [f"{report['n_tokens']:,} eval tokens; clean CE {report['ce_clean']:.4f} nats"]
     head = f"{'dictionary':32} {'FVU':>7} {'L0':>7} {'dead':>6} {'dense':>6} "
     head += f"{'recov(zero)':>11} {'recov(mean)':>11} {'dCE':>8} {'KL':>8}"
-    print(head)
+    lines.append(head)
     rows = list(report["dictionaries"].items())
     if "all" in report:
         rows.append(("all spliced at once", report["all"]))
@@ -274,8 +280,8 @@ def _eval(args: argparse.Namespace) -> int:
             if "fvu" in e
             else f"{'':7} {'':7} {'':6} {'':6}"
         )
-        print(
+        lines.append(
             f"{name[:32]:32} {sparse} {e['ce_recovered_zero']:11.4f} "
             f"{e['ce_recovered_mean']:11.4f} {e['delta_ce']:8.4f} {e['kl']:8.4f}"
         )
-    return 0
+    return "\n".join(lines)
