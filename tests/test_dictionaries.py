@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from test_dictionaries_training import tiny_model  # noqa: E402  (one tiny model for both)
+from transformer_lens import HookedTransformer
 
 from acgraph.dictionaries import (
     BatchTopK,
@@ -37,22 +38,7 @@ D = 32
 
 @pytest.fixture(scope="module")
 def model() -> HookedTransformer:
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=D,
-        n_ctx=32,
-        d_head=8,
-        n_heads=4,
-        d_mlp=64,
-        d_vocab=50,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        seed=0,
-        model_name="tiny",
-    )
-    m = HookedTransformer(cfg)
-    m.eval()
-    return m
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
