@@ -32,7 +32,9 @@ import copy
 import glob
 import json
 import math
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,6 +56,12 @@ DEFAULTS = {
 def python_docs_folder() -> Path:
     """The reStructuredText sources of Debian's python3-doc package (a real English corpus)."""
     hits = sorted(glob.glob("/usr/share/doc/python3*/html/_sources"))
+    if not hits and shutil.which("apt-get") and os.geteuid() == 0:
+        print("[make_inputs] installing Debian's python3-doc (the SmolLM2 corpus)", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "python3-doc"], check=False, env=env)
+        hits = sorted(glob.glob("/usr/share/doc/python3*/html/_sources"))
     if not hits:
         sys.exit(
             "no Python documentation sources found under /usr/share/doc/python3*/html/_sources;\n"

@@ -290,8 +290,12 @@ def ensure_inputs(model: str, layers: list[int], data_dir: Path, remake: bool) -
     return json.loads(meta_path.read_text())
 
 
+LOADS: dict[str, dict[str, list[float]]] = {}
+
+
 def run_logged(name: str, cmd: list[str], log: Path, timeout: int) -> int:
     print(f"[run] {name}: {' '.join(cmd)}", flush=True)
+    load_before = list(os.getloadavg())
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     t = time.perf_counter()
@@ -302,6 +306,8 @@ def run_logged(name: str, cmd: list[str], log: Path, timeout: int) -> int:
             ).returncode
         except subprocess.TimeoutExpired:
             rc = 124
+    # The 1-minute load average says whether anything else was running (2 = both cores busy).
+    LOADS[name] = {"before": load_before, "after": list(os.getloadavg())}
     tail = log.read_text(errors="replace").splitlines()[-1:] if log.is_file() else []
     print(
         f"[run] {name}: rc={rc} in {time.perf_counter() - t:.0f}s  {' '.join(tail)[:200]}",
@@ -424,13 +430,36 @@ def summarize(
     ran: dict[str, int],
 ) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"dictionaries_{model}_layer{layer}.json"
+    path = RESULTS / f"dictionaries_{model}_layer{layer}{_suffix(a.threads)}.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
-    runs: dict[str, Any] = dict(previous.get("runs", {}))
+    setting = {
+        "model": model,
+        "layer": layer,
+        "sae_hook": sae_hook,
+        "transcoder_hooks": [f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"],
+        "width": a.width,
+        "k": a.k,
+        "batch_tokens": a.batch,
+        "training_tokens": a.tokens,
+        "lr": a.lr,
+        "warmup_steps": a.warmup_steps,
+        "decay_fraction": a.decay_fraction,
+        "buffer_tokens": a.buffer_tokens,
+        "torch_threads": a.threads,
+        "seed": a.seed,
+        "context_size": meta["context_size"],
+        "corpus": meta["corpus_description"],
+        "eval_tokens": meta["n_eval_tokens"],
+        "excluded_token_ids": meta["exclude_token_ids"],
+    }
+    # Keep earlier runs only when they were made with exactly this setting.
+    same = previous.get("setting") == setting
+    runs: dict[str, Any] = dict(previous.get("runs", {})) if same else {}
     for name in RUN_ORDER:
         f = run_dir / f"{name}.json"
         if name in ran and ran[name] == 0 and f.is_file():
             runs[name] = json.loads(f.read_text())
+            runs[name]["machine_load_average"] = LOADS.get(name)
         elif name in ran:
             runs[name] = {"error": f"exit status {ran[name]}", "log": str(run_dir / f"{name}.log")}
     ok = {k: v for k, v in runs.items() if "error" not in v}
@@ -438,29 +467,7 @@ def summarize(
         "benchmark": "dictionaries",
         "command": "python bench/dictionaries/run.py " + " ".join(sys.argv[1:]),
         "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "setting": {
-            "model": model,
-            "layer": layer,
-            "sae_hook": sae_hook,
-            "transcoder_hooks": [
-                f"blocks.{layer}.ln2.hook_normalized",
-                f"blocks.{layer}.hook_mlp_out",
-            ],
-            "width": a.width,
-            "k": a.k,
-            "batch_tokens": a.batch,
-            "training_tokens": a.tokens,
-            "lr": a.lr,
-            "warmup_steps": a.warmup_steps,
-            "decay_fraction": a.decay_fraction,
-            "buffer_tokens": a.buffer_tokens,
-            "torch_threads": a.threads,
-            "seed": a.seed,
-            "context_size": meta["context_size"],
-            "corpus": meta["corpus_description"],
-            "eval_tokens": meta["n_eval_tokens"],
-            "excluded_token_ids": meta["exclude_token_ids"],
-        },
+        "setting": setting,
         "runs": runs,
         "ratios": {
             "sae_vs_saelens": compare(ok.get("ours_sae"), ok.get("saelens"), 2.0),
@@ -518,7 +525,7 @@ def bench_main(argv: list[str]) -> int:
     meta = ensure_inputs(a.model, sorted(set(s["layers"]) | {layer}), data_dir, a.remake_inputs)
     if sae_hook not in _eval_keys(data_dir):
         meta = ensure_inputs(a.model, meta["layers"], data_dir, True)
-    run_dir = PEERS / "runs" / f"{a.model}_L{layer}"
+    run_dir = PEERS / "runs" / f"{a.model}_L{layer}{_suffix(a.threads)}"
     run_dir.mkdir(parents=True, exist_ok=True)
 
     ran: dict[str, int] = {}
@@ -540,6 +547,20 @@ def bench_main(argv: list[str]) -> int:
                 f"  tokens {r['training_tokens']:,}"
             )
     return 0 if all(v == 0 for v in ran.values()) else 1
+
+
+def _suffix(threads: int) -> str:
+    """Runs with the standard 2 threads have plain names; others say their thread count."""
+    return "" if threads == 2 else f"_threads{threads}"
+
+
+def _trained(model: str, layer: int, name: str) -> Path | None:
+    """Our saved dictionary from the last benchmark run (the 2-thread run preferred)."""
+    exact = PEERS / "runs" / f"{model}_L{layer}" / name
+    if (exact / "cfg.json").is_file():
+        return exact
+    hits = sorted(PEERS.glob(f"runs/{model}_L{layer}_*/{name}/cfg.json"))
+    return hits[0].parent if hits else None
 
 
 def _eval_keys(data_dir: Path) -> set[str]:
@@ -637,8 +658,8 @@ def interop_main(argv: list[str]) -> int:
     # 1. SAELens: our trained SAE from the benchmark when there is one, else a random TopK SAE;
     #    and a (ReLU) transcoder, which SAELens 6.54 has a class for.
     hook = f"blocks.{layer}.hook_resid_post"
-    trained = PEERS / "runs" / f"{a.model}_L{layer}" / "ours_sae"
-    if (trained / "cfg.json").is_file():
+    trained = _trained(a.model, layer, "ours_sae")
+    if trained is not None:
         sae_folder = trained
     else:
         sae = SparseDictionary(
@@ -671,8 +692,8 @@ def interop_main(argv: list[str]) -> int:
         acts[f"blocks.{layer}.ln2.hook_normalized"],
         acts[f"blocks.{layer}.hook_mlp_out"],
     )
-    trained_tc = PEERS / "runs" / f"{a.model}_L{layer}" / "ours_transcoder"
-    if (trained_tc / "cfg.json").is_file():  # TopK transcoder: SAELens has no such class
+    trained_tc = _trained(a.model, layer, "ours_transcoder")
+    if trained_tc is not None:  # a TopK transcoder: SAELens has no TopK transcoder class
         saelens_check(
             "saelens_topk_transcoder",
             trained_tc,
