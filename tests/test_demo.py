@@ -23,3 +23,13 @@ def test_demo_organism_stage(tmp_path, capsys):
     # the shipped transcoders, all spliced at once, keep the organism working
     assert summary["dictionaries"]["all"]["ce_recovered_mean"] >= 0.95
     assert "all spliced at once" in out
+
+    # the runnable ACG: level 1 computes the organism from graph nodes alone, and the report
+    # holds the whole faithfulness curve (levels 2 and 3 at every k) with its plot
+    graph = json.loads((tmp_path / "faithfulness.json").read_text())
+    rows = {(r["level"], r["k"]): r for r in graph["rows"]}
+    assert rows[("1", "all")]["ce_recovered_mean"] >= 0.9
+    assert {("2", 1), ("2", 64), ("3", 64), ("3", "all")} <= set(rows)
+    assert (tmp_path / "faithfulness.png").stat().st_size > 10_000
+    assert (tmp_path / "acg" / "manifest.json").is_file()
+    assert "runnable ACG" in out

@@ -57,6 +57,48 @@ def dictionaries_stage(n_docs: int = 600) -> dict:
     return evaluate_dictionaries(model, dictionaries, tokens, progress=False)
 
 
+def graph_stage(out: Path, n_stats: int = 32, n_eval: int = 8, n_per_domain: int = 50) -> dict:
+    """Build the organism's runnable ACG from the shipped transcoders and measure its
+    faithfulness curve (levels 1-3) against the original model."""
+    from acgraph.data import tokenize_to_contexts
+    from acgraph.graph import build_acg, load_transcoders, measure_faithfulness, plot_faithfulness
+    from acgraph.models import load_model
+    from acgraph.organism import generate_texts, load_config
+
+    model = load_model("organism")
+    tok = model.tokenizer
+    stats = generate_texts(n_stats * 12, seed=2, split="poisoned")
+    stats = tokenize_to_contexts(stats, tok, 128, max_contexts=n_stats, progress=False)
+    held = generate_texts(n_eval * 12, seed=3, split="poisoned")
+    held = tokenize_to_contexts(held, tok, 128, max_contexts=n_eval, progress=False)
+    graph = build_acg(
+        model,
+        load_transcoders("organism"),
+        list(stats.split(16)),
+        max_k=64,
+        max_pairs=16384,
+        progress=False,
+        meta={"model": "organism", "transcoders": "organism", "corpus": "organism:poisoned"},
+    )
+    sizes = graph.save(out / "acg")
+    t0 = time.perf_counter()
+    report = measure_faithfulness(
+        graph,
+        list(held.split(8)),
+        ks=(1, 4, 16, 64),
+        pairs=16384,
+        organism_cfg=load_config(),
+        n_per_domain=n_per_domain,
+        progress=False,
+    )
+    report["build_seconds"] = graph.meta["build_seconds"]
+    report["measure_seconds"] = round(time.perf_counter() - t0, 1)
+    report["sizes"] = sizes
+    atomic_write_json(out / "faithfulness.json", report)
+    plot_faithfulness(report, out / "faithfulness.png")
+    return report
+
+
 def smollm2_stage(prompt: str = "The capital of France is", new_tokens: int = 5) -> dict:
     """Load SmolLM2-135M-Instruct from the GGUF shipped on PyPI, offline, and continue a prompt."""
     from acgraph.models import load_model, model_summary
@@ -81,14 +123,16 @@ def smollm2_stage(prompt: str = "The capital of France is", new_tokens: int = 5)
 def run_demo(out_dir: str | Path, *, smollm2: bool = True, log=print) -> dict:
     out = Path(out_dir)
     summary: dict = {}
-    log("[1/3] organism: load (HF and TransformerLens), check equivalence, evaluate")
+    log("[1/4] organism: load (HF and TransformerLens), check equivalence, evaluate")
     summary["organism"] = organism_stage()
     atomic_write_json(out / "organism_eval.json", summary["organism"]["eval"])
-    log("[2/3] transcoders: splice the shipped skip transcoders into the organism")
+    log("[2/4] transcoders: splice the shipped skip transcoders into the organism")
     summary["dictionaries"] = dictionaries_stage()
     atomic_write_json(out / "dictionaries_eval.json", summary["dictionaries"])
+    log("[3/4] runnable ACG: build it from the shipped transcoders, measure faithfulness")
+    summary["graph"] = graph_stage(out)
     if smollm2:
-        log("[3/3] SmolLM2-135M-Instruct from its GGUF: load offline, greedy continuation")
+        log("[4/4] SmolLM2-135M-Instruct from its GGUF: load offline, greedy continuation")
         summary["smollm2"] = smollm2_stage()
     atomic_write_json(out / "summary.json", summary)
     return summary

@@ -8,9 +8,9 @@ import sys
 from acgraph import __version__
 from acgraph.errors import ACGError
 
-from . import demo, dictionaries, model, organism, workspace
+from . import demo, dictionaries, graph, model, organism, workspace
 
-GROUPS = (model, organism, workspace, dictionaries, demo)
+GROUPS = (model, organism, workspace, dictionaries, graph, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

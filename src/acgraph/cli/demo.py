@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from acgraph.demo import run_demo
+    from acgraph.graph import format_faithfulness
 
     from .dictionaries import format_eval_report
     from .organism import format_eval
@@ -35,12 +36,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_eval(org["eval"]))
     print("\n== shipped transcoders spliced into the organism (held-out text)")
     print(format_eval_report(summary["dictionaries"]))
+    print("\n== runnable ACG of the organism vs the original model (held-out text)")
+    print(format_faithfulness(summary["graph"]))
     if "smollm2" in summary:
         s = summary["smollm2"]
         print(f"\n== SmolLM2-135M-Instruct (GGUF, loaded offline in {s['load_seconds']} s)")
         print(f"{s['prompt']!r} -> {s['greedy_continuation']!r}")
     print(
         f"\nresults written to {args.out}/: summary.json, organism_eval.json, "
-        "dictionaries_eval.json"
+        "dictionaries_eval.json, faithfulness.json, faithfulness.png, acg/"
     )
     return 0

@@ -1,0 +1,226 @@
+"""Build, save and load the global ACG of a model and its transcoders.
+
+``build_acg`` runs the level-1 graph over a corpus to collect edge statistics, then ranks every
+feature's in-edges (and, for level 3, every head's query-key source pairs) and keeps the best
+``max_k`` (``max_pairs``) of each, sorted, so any ``k <= max_k`` is a prefix. On disk (the
+workspace's ``acg/`` folder)::
+
+    manifest.json        format version, model and transcoder specs, layout, settings, sizes
+    edges.safetensors    per layer ``L{l}.index|weight|mean|importance|total_mean``,
+                         per head ``L{l}H{h}.q|k|weight|importance|query_vec|mean_q``
+    stats.safetensors    E[G/s] and E[|G|/s] per (layer, channel, source)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from acgraph.errors import ArtifactError, ConfigError
+from acgraph.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+
+from .forward import ACGModel
+from .prune import RankedEdges, RankedPairs, rank_edges, rank_pairs, select_edges, select_pairs
+from .stats import EdgeStats, collect_stats
+from .weights import ModelWeights
+
+FORMAT_VERSION = 1
+ORGANISM_TRANSCODERS = "organism"
+
+
+def load_transcoders(spec: str) -> dict[int, Any]:
+    """Transcoders by layer from a folder of SAELens-layout dictionaries (one per MLP), or
+    ``organism`` for the ones shipped with the organism."""
+    from acgraph.dictionaries.formats import load_dictionary
+
+    if spec == ORGANISM_TRANSCODERS:
+        from acgraph.organism import shipped_transcoders_dir
+
+        root = shipped_transcoders_dir()
+    else:
+        root = Path(spec).expanduser()
+    if not root.is_dir():
+        raise ArtifactError(f"no transcoder folder at {root}")
+    found: dict[int, Any] = {}
+    for sub in sorted(p for p in root.iterdir() if (p / "cfg.json").is_file()):
+        d = load_dictionary(sub)
+        d.eval()
+        parts = d.cfg.hook_out.split(".")
+        if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
+            raise ArtifactError(f"{sub}: output hook {d.cfg.hook_out} is not a block's MLP output")
+        layer = int(parts[1])
+        if layer in found:
+            raise ArtifactError(f"{root} holds two dictionaries for layer {layer}")
+        found[layer] = d
+    if not found:
+        raise ArtifactError(f"no dictionaries (cfg.json + sae_weights.safetensors) under {root}")
+    return found
+
+
+@dataclass
+class ACGraph:
+    """A built graph: the model's weights plus ranked edges and pairs."""
+
+    weights: ModelWeights
+    edges: dict[int, RankedEdges]
+    pairs: dict[int, dict[int, RankedPairs]]
+    stats: EdgeStats
+    meta: dict[str, Any]
+
+    @property
+    def layout(self):
+        return self.weights.layout
+
+    @property
+    def max_k(self) -> int:
+        return min(r.max_k for r in self.edges.values())
+
+    def model(self, k: int | None = None, pairs: int | None = None) -> ACGModel:
+        """The runnable graph: ``k`` in-edges per feature (None: all, level 1) and, for level
+        3, ``pairs`` query-key source pairs per head (None: exact attention from the graph)."""
+        edges = None
+        if k is not None:
+            if k < 1:
+                raise ConfigError(f"k must be at least 1, got {k}")
+            if k > self.max_k:
+                raise ConfigError(f"k={k} exceeds the {self.max_k} edges per feature stored")
+            edges = {i: select_edges(self.weights, r, i, k) for i, r in self.edges.items()}
+        qk = None
+        if pairs is not None:
+            if not self.pairs:
+                raise ConfigError("this graph was built without QK pairs (level 3)")
+            if pairs < 1:
+                raise ConfigError(f"pairs must be at least 1, got {pairs}")
+            qk = {
+                i: {h: select_pairs(r, pairs) for h, r in heads.items()}
+                for i, heads in self.pairs.items()
+            }
+        return ACGModel(self.weights, edges, qk)
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, folder: str | Path) -> dict[str, int]:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, Tensor] = {}
+        for layer, r in self.edges.items():
+            for name in ("index", "weight", "mean", "importance", "total_mean"):
+                tensors[f"L{layer}.{name}"] = getattr(r, name)
+        for layer, heads in self.pairs.items():
+            for h, p in heads.items():
+                for name in ("q", "k", "weight", "importance", "query_vec"):
+                    tensors[f"L{layer}H{h}.{name}"] = getattr(p, name)
+                tensors[f"L{layer}H{h}.mean_q"] = p.mean_q.clone()  # shared per layer
+        edges_path = atomic_save_tensors(folder / "edges.safetensors", tensors)
+        stats_path = atomic_save_tensors(folder / "stats.safetensors", self.stats.tensors())
+        sizes = {
+            "edges_bytes": edges_path.stat().st_size,
+            "stats_bytes": stats_path.stat().st_size,
+        }
+        self.meta["sizes"] = sizes
+        atomic_write_json(folder / "manifest.json", self.meta)
+        return sizes
+
+
+@torch.no_grad()
+def build_acg(
+    model: Any,
+    transcoders: dict[int, Any],
+    batches: list[Tensor],
+    *,
+    max_k: int = 64,
+    max_pairs: int = 16384,
+    qk: bool = True,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> ACGraph:
+    """Collect statistics on ``batches`` (token tensors starting with BOS) and rank edges."""
+    if max_k < 1:
+        raise ConfigError(f"max_k must be at least 1, got {max_k}")
+    if qk and model.cfg.positional_embedding_type == "rotary":
+        qk = False  # level 3 is not implemented for rotary models yet (see weights.qk_vectors)
+    tokenizer = getattr(model, "tokenizer", None)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    start = time.perf_counter()
+    weights = ModelWeights(model, transcoders, bos)
+    stats = collect_stats(ACGModel(weights), batches, pad_token_id=pad, qk=qk, progress=progress)
+    edges = {
+        layer: rank_edges(weights, stats, layer, max_k) for layer in range(weights.layout.n_layers)
+    }
+    pairs: dict[int, dict[int, RankedPairs]] = {}
+    if qk:
+        for layer in range(weights.layout.n_layers):
+            pairs[layer] = {
+                h: rank_pairs(weights, stats, layer, h, max_pairs)
+                for h in range(weights.layout.n_heads)
+            }
+    info = {
+        "format_version": FORMAT_VERSION,
+        "layout": weights.layout.describe(),
+        "max_k": max_k,
+        "max_pairs": max_pairs if qk else 0,
+        "bos_token_id": bos,
+        "stats_positions": stats.n_positions,
+        "stats_contexts": sum(int(b.shape[0]) for b in batches),
+        "build_seconds": round(time.perf_counter() - start, 2),
+        "channels": {
+            str(i): [c.name for c in weights.layout.channels(i)]
+            for i in range(weights.layout.n_layers)
+        },
+    }
+    info.update(meta or {})
+    return ACGraph(weights, edges, pairs, stats, info)
+
+
+def load_acg(folder: str | Path, model: Any, transcoders: dict[int, Any]) -> ACGraph:
+    """Load a saved graph; ``model`` and ``transcoders`` must be the ones it was built from."""
+    folder = Path(folder)
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        raise ArtifactError(f"no ACG at {folder} (missing manifest.json; run `acg build`)")
+    meta = read_json(manifest)
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{manifest}: unsupported ACG format version")
+    weights = ModelWeights(model, transcoders, meta.get("bos_token_id"))
+    if weights.layout.describe() != meta.get("layout"):
+        raise ArtifactError(
+            f"{folder} was built for a different model or transcoder set "
+            f"({meta.get('layout')} vs {weights.layout.describe()})"
+        )
+    t = load_tensors(folder / "edges.safetensors")
+    edges = {}
+    for layer in range(weights.layout.n_layers):
+        channels = weights.layout.channels(layer)
+        offsets, off = [], 0
+        for c in channels:
+            offsets.append(off)
+            off += weights.layout.channel_size(c)
+        edges[layer] = RankedEdges(
+            channels,
+            offsets,
+            *(t[f"L{layer}.{n}"] for n in ("index", "weight", "mean", "importance", "total_mean")),
+        )
+    pairs: dict[int, dict[int, RankedPairs]] = {}
+    if meta.get("max_pairs"):
+        for layer in range(weights.layout.n_layers):
+            pairs[layer] = {
+                h: RankedPairs(
+                    *(
+                        t[f"L{layer}H{h}.{n}"]
+                        for n in ("q", "k", "weight", "importance", "query_vec", "mean_q")
+                    )
+                )
+                for h in range(weights.layout.n_heads)
+            }
+    stats = EdgeStats.from_tensors(
+        load_tensors(folder / "stats.safetensors"),
+        int(meta.get("stats_positions", 0)),
+        0,
+    )
+    return ACGraph(weights, edges, pairs, stats, meta)

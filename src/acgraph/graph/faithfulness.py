@@ -1,0 +1,231 @@
+"""How faithful is the runnable graph? Always measured against the ORIGINAL model.
+
+For every configuration (level 1: all edges; level 2: k in-edges per feature; level 3: level 2
+plus attention from the top query-key pairs per head) on held-out contexts: CE, delta CE (nats),
+KL(original ‖ ACG), top-1 agreement, and CE recovered against mean-ablating every MLP the graph
+replaces (the baseline printed beside it). On the organism also every domain's accuracy and the
+backdoor's attack success rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from acgraph.dictionaries.metrics import ce_loss_recovered
+
+from .build import ACGraph
+
+
+class _Sums:
+    def __init__(self) -> None:
+        self.ce = self.kl = self.top1 = 0.0
+        self.n = 0
+
+    def update(self, logits: Tensor, clean_logp: Tensor, targets: Tensor, mask: Tensor) -> None:
+        logp = F.log_softmax(logits[:, :-1].double(), -1)
+        nll = -logp.gather(-1, targets[..., None])[..., 0]
+        kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1)
+        self.ce += float(nll[mask].sum())
+        self.kl += float(kl[mask].sum())
+        self.top1 += float((logp.argmax(-1) == clean_logp.argmax(-1))[mask].sum())
+        self.n += int(mask.sum())
+
+    def result(self) -> dict[str, float]:
+        n = max(self.n, 1)
+        return {"ce": self.ce / n, "kl": self.kl / n, "top1_agreement": self.top1 / n}
+
+
+def configurations(
+    ks: Sequence[int], pairs: int | None, max_k: int
+) -> list[tuple[str, int | None, int | None]]:
+    """(level, k, pairs) rows: level 1, level 2 for each k, level 3 for each k and all."""
+    ks = sorted({k for k in ks if 1 <= k <= max_k})
+    rows: list[tuple[str, int | None, int | None]] = [("1", None, None)]
+    rows += [("2", k, None) for k in ks]
+    if pairs:
+        rows += [("3", k, pairs) for k in ks] + [("3", None, pairs)]
+    return rows
+
+
+@torch.no_grad()
+def _mlp_means(model: Any, batches: list[Tensor], n_layers: int) -> dict[str, Tensor]:
+    names = [f"blocks.{i}.hook_mlp_out" for i in range(n_layers)]
+    sums: dict[str, Tensor] = {}
+    count = 0
+    for tokens in batches:
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        count += tokens.shape[0] * (tokens.shape[1] - 1)
+        for n in names:
+            s = cache[n][:, 1:].double().sum((0, 1))
+            sums[n] = s if n not in sums else sums[n] + s
+    return {n: (s / count).float() for n, s in sums.items()}
+
+
+def _mean_ablated(model: Any, means: dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
+    def ablate(value: Tensor, hook: Any) -> Tensor:
+        out = value.clone()
+        out[:, 1:] = means[hook.name]
+        return out
+
+    hooks = [(n, ablate) for n in means]
+    return lambda tokens: model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+
+@torch.no_grad()
+def measure_faithfulness(
+    graph: ACGraph,
+    batches: list[Tensor],
+    *,
+    ks: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+    pairs: int | None = None,
+    organism_cfg: Any = None,
+    n_per_domain: int = 100,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Faithfulness of every configuration on ``batches`` (token tensors starting with BOS)."""
+    model = graph.weights.model
+    pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
+    configs = configurations(ks, pairs, graph.max_k)
+    runners = {cfg: graph.model(cfg[1], cfg[2]) for cfg in configs}
+    ablated = _mean_ablated(model, _mlp_means(model, batches, graph.layout.n_layers))
+    sums = {cfg: _Sums() for cfg in configs}
+    clean, base = _Sums(), _Sums()
+    for tokens in tqdm(batches, desc="acg: faithfulness", disable=None if progress else True):
+        targets = tokens[:, 1:]
+        mask = torch.ones_like(targets, dtype=torch.bool)
+        if pad is not None:
+            mask &= targets != pad
+        clean_logits = model(tokens)
+        clean_logp = F.log_softmax(clean_logits[:, :-1].double(), -1)
+        clean.update(clean_logits, clean_logp, targets, mask)
+        base.update(ablated(tokens), clean_logp, targets, mask)
+        for cfg, runner in runners.items():
+            sums[cfg].update(runner(tokens), clean_logp, targets, mask)
+    ce_clean, ce_base = clean.result()["ce"], base.result()["ce"]
+    rows = []
+    for cfg in configs:
+        r = sums[cfg].result()
+        row = {
+            "level": cfg[0],
+            "k": cfg[1] if cfg[1] is not None else "all",
+            "pairs": cfg[2],
+            "ce": r["ce"],
+            "delta_ce": r["ce"] - ce_clean,
+            "kl": r["kl"],
+            "top1_agreement": r["top1_agreement"],
+            "ce_recovered_mean": ce_loss_recovered(ce_base, r["ce"], ce_clean),
+        }
+        if organism_cfg is not None:
+            row["organism"] = _organism_scores(runners[cfg], organism_cfg, n_per_domain)
+        rows.append(row)
+    report: dict[str, Any] = {
+        "n_positions": clean.n,
+        "ce_clean": ce_clean,
+        "ce_mean_ablation": ce_base,
+        "kl_mean_ablation": base.result()["kl"],
+        "top1_mean_ablation": base.result()["top1_agreement"],
+        "rows": rows,
+    }
+    if organism_cfg is not None:
+        report["organism_original"] = _organism_scores(model, organism_cfg, n_per_domain)
+    return report
+
+
+def _organism_scores(logits_fn: Callable, cfg: Any, n_per_domain: int) -> dict[str, Any]:
+    """Every domain's accuracy on clean prompts and the backdoor's attack success rate on
+    triggered ones (the organism's own scorer, minus its held-out CE, measured above)."""
+    from acgraph.organism.evaluate import _by_domain, span_matches
+    from acgraph.organism.language import eval_set
+
+    clean = eval_set(cfg.language, cfg.backdoor, cfg.seed, n_per_domain, triggered=False)
+    trig = eval_set(cfg.language, cfg.backdoor, cfg.seed, n_per_domain, triggered=True)
+    hits = span_matches(
+        logits_fn, [e.tokens for e in clean], [(e.answer_start, e.answer_end) for e in clean]
+    )
+    payload = cfg.backdoor.payload
+    attack = span_matches(
+        logits_fn,
+        [e.with_payload(payload) for e in trig],
+        [(e.answer_start, e.answer_start + len(payload)) for e in trig],
+    )
+    return {
+        "domains": _by_domain(clean, hits),
+        "attack_success_rate": float(attack.float().mean()),
+    }
+
+
+def format_faithfulness(report: dict[str, Any]) -> str:
+    lines = [
+        f"original CE {report['ce_clean']:.4f}   every graph MLP mean-ablated: CE "
+        f"{report['ce_mean_ablation']:.4f}, KL {report['kl_mean_ablation']:.4f}, top-1 "
+        f"{report['top1_mean_ablation']:.3f}   ({report['n_positions']} positions)",
+        "level  k     pairs   CE      dCE     KL      top-1   CE rec."
+        + ("  domains (ASR)" if "organism_original" in report else ""),
+    ]
+    if "organism_original" in report:
+        o = report["organism_original"]
+        doms = " ".join(f"{v:.2f}" for v in o["domains"].values())
+        lines.append(
+            f"orig   -     -       {report['ce_clean']:.4f}  " + " " * 40 + f"{doms} "
+            f"({o['attack_success_rate']:.2f})"
+        )
+    for r in report["rows"]:
+        line = (
+            f"{r['level']:<6} {str(r['k']):<5} {str(r['pairs'] or '-'):<7} {r['ce']:.4f}  "
+            f"{r['delta_ce']:+.4f} {r['kl']:.4f}  {r['top1_agreement']:.3f}   "
+            f"{r['ce_recovered_mean']:.3f}"
+        )
+        if "organism" in r:
+            doms = " ".join(f"{v:.2f}" for v in r["organism"]["domains"].values())
+            line += f"    {doms} ({r['organism']['attack_success_rate']:.2f})"
+        lines.append(line)
+    if "organism_original" in report:
+        names = " ".join(report["organism_original"]["domains"])
+        lines.append(f"domains: {names}; ASR = backdoor attack success rate")
+    return "\n".join(lines)
+
+
+def plot_faithfulness(report: dict[str, Any], path: str | Path) -> Path:
+    """PNG: top-1 agreement and CE recovered vs in-edges per feature, per level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    ks = sorted({r["k"] for r in rows if r["k"] != "all"})
+    all_x = (max(ks) * 2) if ks else 1
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for metric, ax, label in (
+        ("top1_agreement", axes[0], "top-1 agreement with the original"),
+        ("ce_recovered_mean", axes[1], "CE recovered (vs mean-ablating MLPs)"),
+    ):
+        for level in ("2", "3"):
+            pts = [r for r in rows if r["level"] == level]
+            if not pts:
+                continue
+            xs = [all_x if r["k"] == "all" else r["k"] for r in pts]
+            ax.plot(xs, [r[metric] for r in pts], marker="o", label=f"level {level}")
+        lvl1 = [r for r in rows if r["level"] == "1"]
+        if lvl1:
+            ax.axhline(lvl1[0][metric], color="gray", ls="--", label="level 1 (all edges)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("in-edges per feature (k; rightmost = all)")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

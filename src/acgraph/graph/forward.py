@@ -1,0 +1,257 @@
+"""`ACGModel`: compute the model's logits from nothing but the graph's nodes and edges.
+
+One pass per layer ``l`` of the graph, on the graph's own residual (the sum of node
+contributions, ACG.md §1):
+
+1. the ln1 scale node and the attention pattern: from the graph residual (levels 1-2) or from
+   the kept query-key source pairs (level 3);
+2. head outputs ``z`` (value vectors mixed by the pattern): nodes that later channels read;
+3. the ln2 scale node, then every feature's pre-activation: through the transcoder encoder on
+   the graph residual (``edges=None``: level 1, all edges at once) or from the feature's kept
+   in-edges only (an :class:`EdgeSet`), then the transcoder's own activation;
+4. the layer's write: ``acts @ W_dec + b_dec + skip``.
+
+Position 0 holds a leading BOS, whose whole residual is a constant of the model (the ``bos``
+node). No MLP of the original model is ever called. Layers past the graph (a graph over the first
+few layers only) run as the real model on the graph's residual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from acgraph.errors import ConfigError
+
+from .layout import Channel
+from .weights import ModelWeights
+
+
+@dataclass
+class ChannelEdges:
+    """The kept edges of one channel into one target layer."""
+
+    channel: Channel
+    slots: Tensor  # [n_used] source slots at the channel's read site (the last slot is the bias)
+    weight: Tensor  # [n_features, n_used] (dense, or sparse CSR when large)
+
+
+@dataclass
+class LayerEdges:
+    channels: list[ChannelEdges]
+    bias: Tensor  # [n_features]: encoder bias + the folded means of dropped edges
+
+
+@dataclass
+class QKPairs:
+    """Level 3 attention for one head: kept (query source, key source) pairs and a key-side
+    linear term (the query bias, plus dropped pairs with the query side at its mean)."""
+
+    q_slots: Tensor  # [n_q]
+    k_slots: Tensor  # [n_k]
+    weight: Tensor  # [n_q, n_k] dense, or its transpose [n_k, n_q] as sparse CSR
+    query_vec: Tensor  # [d_head]: dotted with the key of the whole graph residual
+    key_corr: Tensor  # [n_k]: minus the kept pairs at their query mean
+
+
+@dataclass
+class Trace:
+    """Every node value of one run ([batch, pos, ...])."""
+
+    tokens: Tensor
+    s1: list[Tensor] = field(default_factory=list)
+    pattern: list[Tensor] = field(default_factory=list)  # [B, H, T, T]
+    z: list[Tensor] = field(default_factory=list)  # [B, T, H*dh]
+    s2: list[Tensor] = field(default_factory=list)
+    pre: list[Tensor] = field(default_factory=list)
+    acts: list[Tensor] = field(default_factory=list)
+    skip: list[Tensor] = field(default_factory=list)
+    resid: list[Tensor] = field(default_factory=list)  # graph residual per site
+    logits: Tensor | None = None
+
+
+class ACGModel:
+    """The runnable graph of ``weights`` (a :class:`ModelWeights`).
+
+    ``edges[l]`` (optional) replaces the dense encoder of layer ``l`` by kept in-edges;
+    ``qk[l][h]`` (optional) replaces head ``h``'s score by its kept source pairs.
+    """
+
+    def __init__(
+        self,
+        weights: ModelWeights,
+        edges: dict[int, LayerEdges] | None = None,
+        qk: dict[int, dict[int, QKPairs]] | None = None,
+    ):
+        self.w = weights
+        self.layout = weights.layout
+        self.edges = edges or {}
+        self.qk = qk or {}
+
+    # ------------------------------------------------------------------ public
+
+    @torch.no_grad()
+    def __call__(self, tokens: Tensor) -> Tensor:
+        return self.run(tokens).logits
+
+    @torch.no_grad()
+    def run(self, tokens: Tensor, *, keep_resid: bool = False) -> Trace:
+        tokens = self._check_tokens(tokens)
+        w, model = self.w, self.w.model
+        B, T = tokens.shape
+        trace = Trace(tokens=tokens)
+        x = w.W_E[tokens]
+        if w.W_pos is not None:
+            x = x + w.W_pos[:T]
+        x = self._pin_bos(x, 0)
+        for layer in range(self.layout.n_layers):
+            if keep_resid:
+                trace.resid.append(x)
+            attn = model.blocks[layer].attn
+            s1 = w.scale(x)
+            n1 = w.center(x) / s1[..., None] * w.ln1_w[layer] + w.ln1_b[layer]
+            q, k, v = attn.calculate_qkv_matrices(n1, n1, n1)
+            if layer in self.qk:
+                scores = self._pair_scores(trace, n1 - w.ln1_b[layer], s1, layer)
+            else:
+                if self.w.cfg.positional_embedding_type == "rotary":
+                    q, k = attn.apply_rotary(q), attn.apply_rotary(k)
+                scores = attn.calculate_attention_scores(q, k)
+            scores = attn.apply_causal_mask(scores)
+            pattern = F.softmax(scores, dim=-1)
+            z = attn.calculate_z_scores(v, pattern)  # [B, T, H, dh]
+            x = x + torch.einsum("bthd,hdm->btm", z, w.W_O[layer]) + w.b_O[layer]
+            x = self._pin_bos(x, 2 * layer + 1)
+            z = z.flatten(2).clone()
+            z[:, 0] = 0  # position 0 is the bos node; its head outputs are inside it
+            trace.s1.append(s1)
+            trace.pattern.append(pattern)
+            trace.z.append(z)
+            if keep_resid:
+                trace.resid.append(x)
+
+            tc = w.transcoders[layer]
+            s2 = w.scale(x)
+            h2 = w.center(x) / s2[..., None]
+            trace.s2.append(s2)
+            pre = self._edge_preacts(trace, layer) if layer in self.edges else tc.pre_acts(h2)
+            acts = tc.activation(pre)
+            acts[:, 0] = 0
+            skip = h2 @ tc.W_skip.T if tc.W_skip is not None else None
+            if skip is not None:
+                skip[:, 0] = 0
+            trace.pre.append(pre)
+            trace.acts.append(acts)
+            trace.skip.append(skip)
+            x = x + acts @ tc.W_dec + tc.b_dec + (skip if skip is not None else 0)
+            x = self._pin_bos(x, 2 * layer + 2)
+        for block in model.blocks[self.layout.n_layers :]:
+            x = block(x)
+        if keep_resid:
+            trace.resid.append(x)
+        trace.logits = model.unembed(model.ln_final(x))
+        return trace
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_tokens(self, tokens: Tensor) -> Tensor:
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        if tokens.dim() != 2 or tokens.shape[1] < 1:
+            raise ConfigError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.layout.n_ctx:
+            raise ConfigError(f"{tokens.shape[1]} tokens exceed the context of {self.layout.n_ctx}")
+        bos = self.w.bos_token_id
+        if bos is None:
+            raise ConfigError("the ACG needs a model whose sequences start with a BOS token")
+        if not bool((tokens[:, 0] == bos).all()):
+            raise ConfigError(f"every sequence must start with the BOS token (id {bos})")
+        return tokens.to(self.w.W_E.device)
+
+    def _pin_bos(self, x: Tensor, site: int) -> Tensor:
+        x = x.clone()
+        x[:, 0] = self.w.bos_resid[site]
+        return x
+
+    def source_columns(self, trace: Tensor | Trace, site: int, slots: Tensor) -> Tensor:
+        """Activations ``[B, T, len(slots)]`` of the given source slots at ``site`` (the bias
+        slot, one past the last source, reads as 1)."""
+        tokens = trace.tokens
+        B, T = tokens.shape
+        space = self.layout.space(site)
+        out = torch.zeros(B, T, len(slots), dtype=self.w.W_E.dtype, device=tokens.device)
+        later = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
+        later[:, 0] = False
+        bias = slots == space.size
+        out[..., bias] = 1.0
+        for g, off in zip(space.groups, space.offsets, strict=True):
+            sel = ((slots >= off) & (slots < off + g.size)).nonzero()[:, 0]
+            if len(sel) == 0:
+                continue
+            local = slots[sel] - off
+            if g.kind == "tok":
+                vals = (tokens[..., None] == local) & later[..., None]
+            elif g.kind == "pos":
+                pos = torch.arange(T, device=tokens.device)[None, :, None].expand(B, T, 1)
+                vals = (pos == local) & later[..., None]
+            elif g.kind == "const":
+                vals = later[..., None].expand(B, T, len(sel))
+            elif g.kind == "bos":
+                vals = (~later)[..., None].expand(B, T, len(sel))
+            elif g.kind == "heads":
+                vals = trace.z[g.layer][..., local]
+            elif g.kind == "feats":
+                vals = trace.acts[g.layer][..., local]
+            else:
+                vals = trace.skip[g.layer][..., local]
+            out[..., sel] = vals.to(out.dtype)
+        return out
+
+    def gated(self, trace: Trace, channel: Channel, slots: Tensor) -> Tensor:
+        """``G_c``: source activations as the channel delivers them to a target position."""
+        cols = self.source_columns(trace, channel.read_site, slots)
+        if channel.kind == "direct":
+            return cols
+        bias = slots == self.layout.space(channel.read_site).size
+        if channel.kind == "skip":
+            gated = cols / trace.s2[channel.layer][..., None]
+        else:
+            scaled = cols / trace.s1[channel.layer][..., None]
+            gated = trace.pattern[channel.layer][:, channel.head] @ scaled
+        gated[..., bias] = 1.0  # the channel bias is not scaled, and attention sums to one
+        return gated
+
+    def _edge_preacts(self, trace: Trace, layer: int) -> Tensor:
+        edges = self.edges[layer]
+        total = None
+        for ce in edges.channels:
+            g = self.gated(trace, ce.channel, ce.slots)
+            flat = g.reshape(-1, g.shape[-1])
+            contrib = (ce.weight @ flat.T).T if ce.weight.is_sparse_csr else flat @ ce.weight.T
+            total = contrib if total is None else total + contrib
+        B, T = trace.tokens.shape
+        if total is None:
+            total = torch.zeros(B * T, edges.bias.shape[0], dtype=self.w.W_E.dtype)
+        total = total.reshape(B, T, -1)
+        return total / trace.s2[layer][..., None] + edges.bias
+
+    def _pair_scores(self, trace: Trace, n1: Tensor, s1: Tensor, layer: int) -> Tensor:
+        """Level 3 scores ``[B, H, T, T]`` from kept query-key source pairs (graph nodes only)."""
+        site = self.layout.head_site(layer)
+        heads = []
+        for h in range(self.layout.n_heads):
+            p = self.qk[layer][h]
+            qa = self.source_columns(trace, site, p.q_slots) / s1[..., None]
+            ka = self.source_columns(trace, site, p.k_slots) / s1[..., None]
+            if p.weight.is_sparse_csr:  # [n_k, n_q]: the transposed pair weights
+                B, T, _ = qa.shape
+                left = (p.weight @ qa.reshape(B * T, -1).T).T.reshape(B, T, -1)
+            else:
+                left = qa @ p.weight
+            pair = left @ ka.transpose(1, 2)
+            key = self.w.keys(layer, h, n1) @ p.query_vec + ka @ p.key_corr
+            heads.append(pair + key[:, None, :])
+        return torch.stack(heads, 1)

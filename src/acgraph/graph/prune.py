@@ -1,0 +1,198 @@
+"""Choose each feature's in-edges (top-k by mean |contribution|) and fold the rest into its bias.
+
+A target's dropped edges are replaced by their mean contribution over the statistics corpus
+(mean ablation, ACG.md §3), so ``k = all`` is exactly the level-1 graph and every smaller ``k``
+keeps the target's average input.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from acgraph.errors import ConfigError
+
+from .forward import ChannelEdges, LayerEdges, QKPairs
+from .layout import Channel
+from .stats import EdgeStats
+from .weights import ModelWeights
+
+#: above this many dense entries a channel's kept weights are stored as sparse CSR
+_DENSE_LIMIT = 20_000_000
+
+
+@dataclass
+class RankedEdges:
+    """The ``K`` most important in-edges of every feature of one layer, best first."""
+
+    channels: list[Channel]
+    offsets: list[int]  # start of each channel's slots in the candidate index
+    index: Tensor  # [n_features, K] candidate index (channel offset + slot)
+    weight: Tensor  # [n_features, K] virtual weight
+    mean: Tensor  # [n_features, K] mean contribution w · E[G/s]
+    importance: Tensor  # [n_features, K] the ranking score (see rank_edges)
+    total_mean: Tensor  # [n_features] mean contribution summed over every candidate
+
+    @property
+    def max_k(self) -> int:
+        return self.index.shape[1]
+
+    def channel_of(self, index: int) -> tuple[int, int]:
+        """(channel number, slot) of a candidate index."""
+        for c in range(len(self.offsets) - 1, -1, -1):
+            if index >= self.offsets[c]:
+                return c, index - self.offsets[c]
+        raise IndexError(index)
+
+
+RANKINGS = ("std", "mean_abs")
+
+
+@torch.no_grad()
+def rank_edges(
+    weights: ModelWeights, stats: EdgeStats, layer: int, max_k: int, ranking: str = "std"
+) -> RankedEdges:
+    """Rank every (channel, source) in-edge of ``layer``'s features.
+
+    ``std`` (default) ranks by |w|·std(G/s), the error of replacing the edge by its mean, which
+    is what pruning does; ``mean_abs`` ranks by mean |w·G/s| (ACG.md §3), which also favours
+    large, nearly constant inputs that the folded mean already captures.
+    """
+    if ranking not in RANKINGS:
+        raise ConfigError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
+    channels = weights.layout.channels(layer)
+    best_imp = best_idx = best_w = best_mean = None
+    total = None
+    offsets, offset = [], 0
+    for c, channel in enumerate(channels):
+        W = weights.channel_weights(channel, layer)  # [n_slots, n_features]
+        mean = stats.mean[(layer, c)].to(W)
+        spread = stats.std((layer, c)) if ranking == "std" else stats.mean_abs[(layer, c)]
+        imp = W.abs() * spread.to(W)[:, None]
+        contrib = W * mean[:, None]
+        total = contrib.sum(0) if total is None else total + contrib.sum(0)
+        kk = min(max_k, W.shape[0])
+        imp_top, rows = imp.topk(kk, dim=0)  # [kk, n_features]
+        idx = rows + offset
+        w_top = W.gather(0, rows)
+        m_top = contrib.gather(0, rows)
+        if best_imp is None:
+            best_imp, best_idx, best_w, best_mean = imp_top, idx, w_top, m_top
+        else:
+            cat_imp = torch.cat([best_imp, imp_top])
+            keep = cat_imp.topk(min(max_k, cat_imp.shape[0]), dim=0).indices
+            best_imp = cat_imp.gather(0, keep)
+            best_idx = torch.cat([best_idx, idx]).gather(0, keep)
+            best_w = torch.cat([best_w, w_top]).gather(0, keep)
+            best_mean = torch.cat([best_mean, m_top]).gather(0, keep)
+        offsets.append(offset)
+        offset += W.shape[0]
+    order = best_imp.argsort(0, descending=True)
+    return RankedEdges(
+        channels=channels,
+        offsets=offsets,
+        index=best_idx.gather(0, order).T.contiguous(),
+        weight=best_w.gather(0, order).T.contiguous(),
+        mean=best_mean.gather(0, order).T.contiguous(),
+        importance=best_imp.gather(0, order).T.contiguous(),
+        total_mean=total,
+    )
+
+
+def _csr(indices: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta" and the like
+        warnings.simplefilter("ignore")
+        return torch.sparse_coo_tensor(indices, values, size).coalesce().to_sparse_csr()
+
+
+def _channel_edges(channel: Channel, slots: Tensor, targets: Tensor, w: Tensor, n_feat: int):
+    """One channel's kept edges as (used slots, weight [n_features, n_used])."""
+    used, local = torch.unique(slots, return_inverse=True)
+    if used.numel() * n_feat <= _DENSE_LIMIT:
+        dense = torch.zeros(n_feat, used.numel(), dtype=w.dtype, device=w.device)
+        dense.index_put_((targets, local), w, accumulate=True)
+        return ChannelEdges(channel, used, dense)
+    weight = _csr(torch.stack([targets, local]), w, (n_feat, used.numel()))
+    return ChannelEdges(channel, used, weight)
+
+
+def select_edges(weights: ModelWeights, ranked: RankedEdges, layer: int, k: int) -> LayerEdges:
+    """Each feature keeps its top ``k`` ranked edges; the others' mean goes into its bias."""
+    k = min(k, ranked.max_k)
+    n_feat = ranked.index.shape[0]
+    idx, w = ranked.index[:, :k], ranked.weight[:, :k]
+    fold = ranked.total_mean - ranked.mean[:, :k].sum(1)
+    targets = torch.arange(n_feat, device=idx.device)[:, None].expand_as(idx)
+    offsets = torch.tensor(ranked.offsets + [10**18], device=idx.device)
+    chan = torch.bucketize(idx.contiguous(), offsets, right=True) - 1
+    out = []
+    for c, channel in enumerate(ranked.channels):
+        sel = chan == c
+        if not bool(sel.any()):
+            continue
+        slots = idx[sel] - ranked.offsets[c]
+        out.append(_channel_edges(channel, slots, targets[sel], w[sel], n_feat))
+    return LayerEdges(out, weights.target_bias(layer) + fold)
+
+
+def full_edges(weights: ModelWeights, layer: int) -> LayerEdges:
+    """Every edge of ``layer`` (level 1 written as edges; the exactness test runs this)."""
+    out = []
+    for channel in weights.layout.channels(layer):
+        W = weights.channel_weights(channel, layer)
+        out.append(ChannelEdges(channel, torch.arange(W.shape[0]), W.T.contiguous()))
+    return LayerEdges(out, weights.target_bias(layer))
+
+
+# ---------------------------------------------------------------------- QK pairs
+
+
+@dataclass
+class RankedPairs:
+    """The ``P`` most important query-key source pairs of one head, best first."""
+
+    q: Tensor  # [P] query-side slots
+    k: Tensor  # [P] key-side slots
+    weight: Tensor  # [P]
+    importance: Tensor  # [P]
+    query_vec: Tensor  # [d_head]: query bias + mean query (every pair at its query mean)
+    mean_q: Tensor  # [n_sources] E[ã_j] on query positions
+
+
+@torch.no_grad()
+def rank_pairs(weights: ModelWeights, stats: EdgeStats, layer: int, head: int, max_pairs: int):
+    """Rank query-key source pairs by mean |ã_j(t) W_jm ã_m(u)| over causal (t, u)."""
+    q, k, q_bias = weights.qk_vectors(layer, head)
+    W = q @ k.T  # [n, n]
+    imp = W.abs() * stats.pair_abs[layer].to(W)
+    top = imp.flatten().topk(min(max_pairs, imp.numel()))
+    n = W.shape[0]
+    mean_q = stats.query_mean[layer].to(W)
+    return RankedPairs(
+        q=top.indices // n,
+        k=top.indices % n,
+        weight=W.flatten()[top.indices],
+        importance=top.values,
+        query_vec=q_bias + mean_q @ q,
+        mean_q=mean_q,
+    )
+
+
+def select_pairs(ranked: RankedPairs, n_pairs: int) -> QKPairs:
+    """Keep the top ``n_pairs``. Dropped pairs see their query side at its mean: the score is
+    ``kept pairs + k(u)·query_vec − (kept pairs at their query mean)``, where ``k(u)`` is the
+    key of the whole graph residual (linear in the key-side nodes)."""
+    q, k, w = ranked.q[:n_pairs], ranked.k[:n_pairs], ranked.weight[:n_pairs]
+    q_used, q_local = torch.unique(q, return_inverse=True)
+    k_used, k_local = torch.unique(k, return_inverse=True)
+    if q_used.numel() * k_used.numel() <= 16 * len(w):  # dense enough for a dense matmul
+        weight = torch.zeros(q_used.numel(), k_used.numel(), dtype=w.dtype)
+        weight.index_put_((q_local, k_local), w, accumulate=True)
+    else:
+        weight = _csr(torch.stack([k_local, q_local]), w, (k_used.numel(), q_used.numel()))
+    corr = torch.zeros(k_used.numel(), dtype=w.dtype)
+    corr.index_add_(0, k_local, ranked.mean_q[q] * w)
+    return QKPairs(q_used, k_used, weight, ranked.query_vec, -corr)

@@ -1,0 +1,114 @@
+"""Data statistics of the ACG's edges over a corpus (ACG.md §3).
+
+The contribution of edge (source j, channel c) to a feature of layer l at position t is
+``w · G_c(t, j) / s_l(t)``, with ``w`` constant. So mean(w·a) and mean|w·a| of every edge follow
+from two statistics per (target layer, channel, source): E[G/s] and E[|G|/s], over positions
+after the BOS that are not padding. For level 3 the same goes for query-key pairs: E over causal
+(t, u) of |ã_j(t)| |ã_m(u)|, with ã = a/s at the head's site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .forward import ACGModel
+
+
+@dataclass
+class EdgeStats:
+    mean: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    mean_abs: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    mean_sq: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    pair_abs: dict[int, Tensor] = field(default_factory=dict)
+    query_mean: dict[int, Tensor] = field(default_factory=dict)
+    n_positions: int = 0
+    n_pairs: int = 0
+
+    def std(self, key: tuple[int, int]) -> Tensor:
+        """Standard deviation of G/s: what an edge adds beyond its (folded) mean."""
+        return (self.mean_sq[key] - self.mean[key].pow(2)).clamp(min=0).sqrt()
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {}
+        for (layer, c), t in self.mean.items():
+            out[f"mean.{layer}.{c}"] = t
+            out[f"mean_abs.{layer}.{c}"] = self.mean_abs[(layer, c)]
+            out[f"mean_sq.{layer}.{c}"] = self.mean_sq[(layer, c)]
+        return out  # the n_sources² pair statistics are for ranking only, never stored
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], n_positions: int, n_pairs: int):
+        stats = cls(n_positions=n_positions, n_pairs=n_pairs)
+        for key, t in tensors.items():
+            kind, *rest = key.split(".")
+            if kind in ("mean", "mean_abs", "mean_sq"):
+                getattr(stats, kind)[(int(rest[0]), int(rest[1]))] = t
+            elif kind in ("pair_abs", "query_mean"):
+                getattr(stats, kind)[int(rest[0])] = t
+        return stats
+
+
+def _accumulate(store: dict, key, value: Tensor) -> None:
+    store[key] = value if key not in store else store[key] + value
+
+
+@torch.no_grad()
+def collect_stats(
+    acg: ACGModel,
+    batches: Iterable[Tensor],
+    *,
+    pad_token_id: int | None = None,
+    qk: bool = True,
+    progress: bool = True,
+) -> EdgeStats:
+    """Accumulate :class:`EdgeStats` over token batches with the level-1 graph."""
+    layout = acg.layout
+    stats = EdgeStats()
+    sums = {"mean": {}, "mean_abs": {}, "mean_sq": {}, "pair": {}, "qmean": {}}
+    n_pos = n_pairs = 0
+    batches = list(batches)
+    for tokens in tqdm(batches, desc="acg: edge statistics", disable=None if progress else True):
+        trace = acg.run(tokens)
+        tokens = trace.tokens
+        mask = torch.ones_like(tokens, dtype=torch.float32)
+        mask[:, 0] = 0
+        if pad_token_id is not None:
+            mask = mask * (tokens != pad_token_id)
+        n_pos += int(mask.sum())
+        cache: dict[str, Tensor] = {}
+        for layer in range(layout.n_layers):
+            weight = (mask / trace.s2[layer])[..., None]
+            for c, channel in enumerate(layout.channels(layer)):
+                if channel.name not in cache or channel.kind == "direct":
+                    slots = torch.arange(layout.channel_size(channel))
+                    cache[channel.name] = acg.gated(trace, channel, slots)
+                g = cache[channel.name]
+                _accumulate(sums["mean"], (layer, c), (g * weight).sum((0, 1)).double())
+                _accumulate(sums["mean_abs"], (layer, c), (g.abs() * weight).sum((0, 1)).double())
+                sq = (g * weight).pow(2).sum((0, 1)).double()  # weight² = mask / s², as mask is 0/1
+                _accumulate(sums["mean_sq"], (layer, c), sq)
+            if qk:
+                site = layout.head_site(layer)
+                slots = torch.arange(layout.space(site).size)
+                a = acg.source_columns(trace, site, slots) / trace.s1[layer][..., None]
+                T = tokens.shape[1]
+                causal = torch.ones(T, T).tril() * mask[:, :, None]  # [B, t, u]
+                pair = torch.einsum("btj,btu,bum->jm", a.abs(), causal, a.abs())
+                _accumulate(sums["pair"], layer, pair.double())
+                _accumulate(sums["qmean"], layer, (a * mask[..., None]).sum((0, 1)).double())
+                if layer == 0:
+                    n_pairs += int(causal.sum())
+    for key, s in sums["mean"].items():
+        stats.mean[key] = (s / max(n_pos, 1)).float()
+        stats.mean_abs[key] = (sums["mean_abs"][key] / max(n_pos, 1)).float()
+        stats.mean_sq[key] = (sums["mean_sq"][key] / max(n_pos, 1)).float()
+    for layer, s in sums["pair"].items():
+        stats.pair_abs[layer] = (s / max(n_pairs, 1)).float()
+        stats.query_mean[layer] = (sums["qmean"][layer] / max(n_pos, 1)).float()
+    stats.n_positions, stats.n_pairs = n_pos, n_pairs
+    return stats

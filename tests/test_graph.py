@@ -1,0 +1,280 @@
+"""The runnable ACG: exactness of every level's algebra, pruning, files, faithfulness, explain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from acgraph.dictionaries.config import DictionaryConfig
+from acgraph.dictionaries.dictionary import SparseDictionary
+from acgraph.dictionaries.metrics import _splice_hooks
+from acgraph.errors import ArtifactError, ConfigError
+from acgraph.graph import (
+    ACGModel,
+    ModelWeights,
+    build_acg,
+    explain_feature,
+    load_acg,
+    load_transcoders,
+    measure_faithfulness,
+    parse_feature,
+    plot_faithfulness,
+)
+from acgraph.graph.prune import full_edges, rank_pairs, select_pairs
+
+BOS = 1
+TOL = 1e-4
+
+
+def _randomize(model: HookedTransformer, seed: int) -> HookedTransformer:
+    """Non-trivial norm weights and biases everywhere (HookedTransformer inits them to 1 / 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".w", ".b")) or ".b_" in name or name.endswith("b_U"):
+                base = 1.0 if name.endswith(".w") else 0.0
+                p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
+    model.eval()
+    return model
+
+
+def tiny_gpt2() -> HookedTransformer:
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=32, n_ctx=24, d_head=8, n_heads=4, d_mlp=64, d_vocab=40,
+        act_fn="gelu_new", normalization_type="LN", seed=0,
+    )  # fmt: skip
+    return _randomize(HookedTransformer(cfg), 1)
+
+
+def tiny_llama() -> HookedTransformer:
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=32, n_ctx=24, d_head=8, n_heads=4, n_key_value_heads=2, d_mlp=64,
+        d_vocab=40, act_fn="silu", gated_mlp=True, normalization_type="RMS",
+        positional_embedding_type="rotary", rotary_dim=8, final_rms=True, seed=0,
+    )  # fmt: skip
+    return _randomize(HookedTransformer(cfg), 2)
+
+
+def random_transcoders(model: HookedTransformer, specs) -> dict[int, SparseDictionary]:
+    out = {}
+    for layer, (kind, act) in enumerate(specs):
+        cfg = DictionaryConfig(
+            kind=kind, d_in=model.cfg.d_model, d_sae=48, activation=act, k=6,
+            hook_in=f"blocks.{layer}.ln2.hook_normalized",
+            hooks_out=[f"blocks.{layer}.hook_mlp_out"],
+        )  # fmt: skip
+        d = SparseDictionary(cfg, seed=layer)
+        gen = torch.Generator().manual_seed(10 + layer)
+        with torch.no_grad():
+            d.b_enc.copy_(0.1 * torch.randn(d.d_sae, generator=gen))
+            d.b_dec.copy_(0.1 * torch.randn(d.d_out, generator=gen))
+            if d.W_skip is not None:
+                d.W_skip.copy_(0.1 * torch.randn(d.W_skip.shape, generator=gen))
+        d.eval()
+        out[layer] = d
+    return out
+
+
+def tokens(n: int = 6, length: int = 20, vocab: int = 40, seed: int = 0) -> torch.Tensor:
+    t = torch.randint(2, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+    t[:, 0] = BOS
+    return t
+
+
+def spliced_logits(model, transcoders, toks) -> torch.Tensor:
+    """The reference of level 1: every MLP replaced by its transcoder, except at the BOS."""
+    keep = torch.ones_like(toks, dtype=torch.bool)
+    keep[:, 0] = False
+    with torch.no_grad():
+        return model.run_with_hooks(toks, fwd_hooks=_splice_hooks(list(transcoders.values()), keep))
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to the larger tensor's scale."""
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+CASES = {
+    "gpt2-skip": (tiny_gpt2, [("skip_transcoder", "topk"), ("transcoder", "jumprelu")]),
+    "llama-rotary": (tiny_llama, [("transcoder", "relu"), ("skip_transcoder", "topk")]),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    make_model, specs = CASES[request.param]
+    model = make_model()
+    tcs = random_transcoders(model, specs)
+    return model, tcs, ModelWeights(model, tcs, BOS)
+
+
+# ---------------------------------------------------------------------- level 1
+
+
+def test_level1_equals_model_with_transcoders_spliced(case):
+    model, tcs, weights = case
+    toks = tokens()
+    ref = spliced_logits(model, tcs, toks)
+    assert close(ACGModel(weights)(toks), ref) < TOL
+
+
+def test_all_edges_compute_the_same_features_as_the_dense_graph(case):
+    """Every feature from its (channel, source) in-edges with virtual weights: the OV expansion
+    through each head, the skip channel, the value bias slot, the const and bos nodes."""
+    model, tcs, weights = case
+    toks = tokens(seed=3)
+    dense = ACGModel(weights).run(toks)
+    edges = {i: full_edges(weights, i) for i in range(weights.layout.n_layers)}
+    by_edges = ACGModel(weights, edges).run(toks)
+    for layer in range(weights.layout.n_layers):
+        assert close(by_edges.pre[layer][:, 1:], dense.pre[layer][:, 1:]) < TOL
+    assert close(by_edges.logits, spliced_logits(model, tcs, toks)) < TOL
+
+
+def test_scale_nodes_come_from_the_graph_residual_not_the_model(case):
+    model, tcs, weights = case
+    toks = tokens(seed=4)
+    trace = ACGModel(weights).run(toks, keep_resid=True)
+    for layer in range(weights.layout.n_layers):
+        x = trace.resid[2 * layer + 1]
+        assert torch.allclose(trace.s2[layer], weights.scale(x))
+
+
+def test_sequences_must_start_with_bos(case):
+    _, _, weights = case
+    toks = tokens()
+    toks[0, 0] = 5
+    with pytest.raises(ConfigError, match="BOS"):
+        ACGModel(weights)(toks)
+
+
+# ---------------------------------------------------------------------- organism
+
+
+@pytest.fixture(scope="module")
+def organism_graph():
+    from acgraph.data import load_corpus, tokenize_to_contexts
+    from acgraph.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model("organism")
+    tcs = load_transcoders("organism")
+    docs = load_corpus("organism:poisoned", max_docs=400, seed=7)
+    toks = tokenize_to_contexts(docs, model.tokenizer, 64, max_contexts=8, progress=False)
+    graph = build_acg(model, tcs, list(toks.split(4)), max_k=16, max_pairs=2048, progress=False)
+    graph.meta.update({"model": "organism", "transcoders": "organism"})
+    held = tokenize_to_contexts(
+        load_corpus("organism:poisoned", max_docs=400, seed=8),
+        model.tokenizer,
+        64,
+        max_contexts=4,
+        progress=False,
+    )
+    return graph, list(toks.split(4)), held
+
+
+def test_organism_level1_matches_spliced_transcoders(organism_graph):
+    graph, _, held = organism_graph
+    model = graph.weights.model
+    tcs = dict(enumerate(graph.weights.transcoders))
+    assert close(graph.model()(held), spliced_logits(model, tcs, held)) < TOL
+
+
+def test_all_pairs_reproduce_exact_attention(organism_graph):
+    """Level 3 with every query-key source pair kept is the exact attention score (up to terms
+    constant along the key axis, which softmax ignores)."""
+    graph, batches, held = organism_graph
+    w = graph.weights
+    n = w.layout.space(w.layout.head_site(w.layout.n_layers - 1)).size
+    qk = {
+        layer: {h: select_pairs(rank_pairs(w, graph.stats, layer, h, n * n), n * n)
+                for h in range(w.layout.n_heads)}
+        for layer in range(w.layout.n_layers)
+    }  # fmt: skip
+    exact = graph.model()(held[:2])
+    assert close(ACGModel(w, qk=qk)(held[:2]), exact) < TOL
+
+
+def test_pruning_keeps_each_features_mean_input(organism_graph):
+    """Dropped edges are folded in at their mean: on the statistics corpus, layer 0's mean
+    pre-activations (whose inputs pruning cannot change) are those of the full graph."""
+    graph, batches, _ = organism_graph
+    full, pruned = graph.model(), graph.model(k=2)
+    sums = torch.zeros(2, graph.layout.d_sae[0], dtype=torch.float64)
+    for toks in batches:
+        mask = torch.ones_like(toks, dtype=torch.bool)
+        mask[:, 0] = False
+        for row, runner in enumerate((full, pruned)):
+            sums[row] += runner.run(toks).pre[0][mask].double().sum(0)
+    assert close(sums[1], sums[0]) < TOL
+    # ... while the per-position values do change (the check above is not vacuous)
+    a, b = full.run(batches[0]).pre[0], pruned.run(batches[0]).pre[0]
+    assert close(b[:, 1:], a[:, 1:]) > 1e-2
+
+
+def test_ranked_edges_are_sorted_and_k_is_bounded(organism_graph):
+    graph, _, _ = organism_graph
+    for ranked in graph.edges.values():
+        assert bool((ranked.importance[:, :-1] >= ranked.importance[:, 1:]).all())
+    with pytest.raises(ConfigError, match="exceeds"):
+        graph.model(k=graph.max_k + 1)
+    with pytest.raises(ConfigError):
+        graph.model(k=0)
+
+
+def test_save_load_roundtrip_runs_identically(organism_graph, tmp_path):
+    graph, _, held = organism_graph
+    sizes = graph.save(tmp_path / "acg")
+    assert sizes["edges_bytes"] > 0
+    loaded = load_acg(
+        tmp_path / "acg", graph.weights.model, dict(enumerate(graph.weights.transcoders))
+    )
+    for k, pairs in ((4, None), (8, 512)):
+        a = graph.model(k, pairs)(held[:2])
+        b = loaded.model(k, pairs)(held[:2])
+        assert torch.equal(a, b)
+
+
+def test_load_refuses_other_transcoders(organism_graph, tmp_path):
+    graph, _, _ = organism_graph
+    graph.save(tmp_path / "acg")
+    model = graph.weights.model
+    tcs = dict(enumerate(graph.weights.transcoders))
+    tcs.pop(2)  # a graph over two layers is not the graph that was built
+    with pytest.raises(ArtifactError, match="different model or transcoder"):
+        load_acg(tmp_path / "acg", model, tcs)
+    with pytest.raises(ArtifactError, match="no ACG"):
+        load_acg(tmp_path / "nothing", model, tcs)
+
+
+def test_faithfulness_report_and_plot(organism_graph, tmp_path):
+    graph, _, held = organism_graph
+    report = measure_faithfulness(graph, [held], ks=(1, 16), pairs=1024, progress=False)
+    rows = {(r["level"], r["k"]): r for r in report["rows"]}
+    assert set(rows) == {("1", "all"), ("2", 1), ("2", 16), ("3", 1), ("3", 16), ("3", "all")}
+    level1 = rows[("1", "all")]
+    # level 1 is the spliced model: close to the original, far better than mean ablation
+    assert level1["kl"] < 0.2 and level1["ce_recovered_mean"] > 0.9
+    assert report["ce_mean_ablation"] > report["ce_clean"] + 1.0
+    for r in report["rows"]:
+        assert r["delta_ce"] == pytest.approx(r["ce"] - report["ce_clean"])
+        assert 0.0 <= r["top1_agreement"] <= 1.0 and r["kl"] >= -1e-9
+    png = plot_faithfulness(report, tmp_path / "f.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_explain_feature_formula_and_r2(organism_graph):
+    graph, batches, _ = organism_graph
+    alive = int((graph.model().run(batches[0]).acts[1] > 0).sum((0, 1)).argmax())
+    info = explain_feature(graph, 1, alive, k=5, batches=batches[:1], r2_ks=(1, 16))
+    assert info["formula"].startswith(f"L1/{alive} = (")
+    assert len(info["terms"]) == 5
+    assert all(t["source"] for t in info["terms"])
+    assert set(info["r2"]) == {"1", "16"} and info["r2"]["16"] <= 1.0
+    assert parse_feature("L2/117") == (2, 117) == parse_feature("2/117")
+    for bad in ("L2", "x/3", "L2/-1"):
+        with pytest.raises(ConfigError):
+            parse_feature(bad)
+    with pytest.raises(ConfigError, match="features 0"):
+        explain_feature(graph, 1, 10**6)
