@@ -29,7 +29,8 @@ def test_demo_organism_stage(tmp_path, capsys):
     graph = json.loads((tmp_path / "faithfulness.json").read_text())
     rows = {(r["level"], r["k"]): r for r in graph["rows"]}
     assert rows[("1", "all")]["ce_recovered_mean"] >= 0.9
-    assert {("2", 1), ("2", 64), ("3", 64), ("3", "all")} <= set(rows)
+    expected = {("2", 1), ("2", 4), ("2", 16), ("2", 64), ("3", 16), ("3", 64), ("3", "all")}
+    assert expected <= set(rows)
     assert (tmp_path / "faithfulness.png").stat().st_size > 10_000
     assert (tmp_path / "acg" / "manifest.json").is_file()
     assert "runnable ACG" in out
