@@ -86,7 +86,10 @@ def test_train_then_eval(model_dir, corpus, tmp_path, capsys):
     names = sorted(p.name for p in out.iterdir() if (p / "cfg.json").is_file())
     assert names == ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
     cfg = json.loads((out / names[0] / "cfg.json").read_text())
-    assert cfg["architecture"] == "topk_skip_transcoder"
+    # SAELens 6.54 has no TopK skip transcoder: written as its JumpReLU one (approximation),
+    # read back by acgraph as TopK
+    assert cfg["architecture"] == "jumprelu_skip_transcoder"
+    assert cfg["acgraph"]["config"]["activation"] == "topk"
     assert cfg["metadata"]["hook_name"] == "blocks.0.ln2.hook_normalized"
     # resuming a finished run is a no-op that succeeds; not resuming is refused
     assert run([*argv, "--resume"]) == 0

@@ -20,11 +20,13 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from acgraph.dictionaries import (
     ActivationStream,
     DictionaryConfig,
+    SparseDictionary,
     StreamPosition,
     TrainConfig,
     evaluate_dictionaries,
     latest_checkpoint,
     load_dictionary,
+    save_dictionary,
     train_dictionaries,
 )
 from acgraph.errors import ArtifactError, ConfigError
@@ -92,6 +94,8 @@ def resume_run_config() -> TrainConfig:
 
 def resume_run(out: Path, resume: bool) -> None:
     configs = transcoders()
+    # dead-latent resampling (before and after the kill) must resume exactly too
+    configs[0] = configs[0].replace(dead_tokens=1024, resample_every=5)
     configs.append(
         DictionaryConfig(
             kind="sae",
@@ -180,6 +184,83 @@ def test_training_reduces_fvu_well_below_one(model, trained):
     assert (out / "training_log.json").is_file()
 
 
+def test_trained_topk_transcoder_carries_a_calibrated_jumprelu_threshold(model, trained):
+    result, out = trained
+    topk = result.dictionaries[0]
+    theta = topk.activation.latent_threshold
+    assert theta is not None and theta.shape == (128,) and (theta >= 0).all()
+    # d_in == d_out and no skip: written as SAELens's (exact) TopKSAE, which has no threshold
+    # parameter, so the calibration stays in memory (export_circuit_tracer uses it)
+    loaded = load_dictionary(out / topk.cfg.name)
+    assert loaded.cfg.activation == "topk" and loaded.activation.latent_threshold is None
+    skip = SparseDictionary(topk.cfg.replace(kind="skip_transcoder"))
+    skip.load_state_dict(topk.state_dict(), strict=False)
+    skip.activation.latent_threshold = theta
+    again = load_dictionary(save_dictionary(skip, out / "as_skip"))
+    assert torch.equal(again.activation.latent_threshold, theta)
+
+
+def _dead_start(seed: int = 0) -> SparseDictionary:
+    """A TopK transcoder whose latents 0..31 can never fire (huge negative encoder bias)."""
+    d = SparseDictionary(transcoders(("topk",))[0].replace(dead_tokens=1024), seed=seed)
+    with torch.no_grad():
+        d.b_dec.copy_(torch.zeros(D))
+        d.b_enc[:32] = -1e4
+    return d
+
+
+def _train_dead_start(model, **changes) -> tuple[SparseDictionary, list]:
+    d = _dead_start()
+    d.cfg = d.cfg.replace(**changes)
+    cfg = TrainConfig(
+        total_tokens=60 * 256,
+        batch_size=256,
+        buffer_tokens=4096,
+        lr=5e-3,
+        lr_warmup_steps=5,
+        checkpoint_every=0,
+        progress=False,
+        log_every=1,
+    )
+    result = train_dictionaries(model, tiny_tokens(), [d], None, cfg, exclude_token_ids=[BOS, PAD])
+    return result.dictionaries[0], result.history
+
+
+def test_resampling_revives_dead_latents_deterministically(model):
+    plain, _ = _train_dead_start(model)
+    revived, history = _train_dead_start(model, resample_every=5)
+    again, _ = _train_dead_start(model, resample_every=5)
+    assert torch.equal(revived.W_enc, again.W_enc)  # no random numbers involved
+    resampled = [h["dictionaries"][revived.cfg.name].get("resampled", 0) for h in history]
+    assert sum(resampled) >= 32
+    # only in the first half of training (resample_until = 0.5)
+    assert not any(r for h, r in zip(history, resampled, strict=True) if h["step"] > 30)
+    x = ActivationStream(
+        model,
+        tiny_tokens(64, seed=5),
+        ["blocks.0.ln2.hook_normalized"],
+        batch_size=256,
+        buffer_tokens=4096,
+        exclude_token_ids=[BOS, PAD],
+    ).block(0)["blocks.0.ln2.hook_normalized"]
+    with torch.no_grad():
+        fired_plain = (plain.encode(x)[:, :32] > 0).any(0).sum()
+        fired_revived = (revived.encode(x)[:, :32] > 0).any(0).sum()
+    assert fired_plain == 0  # AuxK cannot undo a -1e4 bias in 60 steps
+    assert fired_revived >= 16
+
+
+def test_aux_k_normalization_options(model):
+    with pytest.raises(ConfigError, match="aux_k_normalization"):
+        transcoders(("topk",), aux_k_normalization="bogus")
+    with pytest.raises(ConfigError, match="resample"):
+        transcoders(("topk",), resample_until=1.5)
+    for norm in ("residual", "output"):
+        d, history = _train_dead_start(model, aux_k_normalization=norm)
+        aux = [h["dictionaries"][d.cfg.name].get("aux") for h in history]
+        assert any(a is not None and a > 0 for a in aux), norm
+
+
 def test_batchtopk_export_reproduces_training_sparsity(model, trained):
     result, out = trained
     batchtopk = load_dictionary(out / "blocks.1.hook_mlp_out")  # saved as jumprelu_transcoder
@@ -218,6 +299,25 @@ def test_stream_excludes_special_tokens_and_is_deterministic(model):
     assert torch.equal(
         batches_a[n0 + 1]["blocks.0.hook_resid_pre"], later[0]["blocks.0.hook_resid_pre"]
     )
+
+
+def test_last_block_is_computed_only_as_far_as_the_run_needs(model):
+    kw = dict(batch_size=64, buffer_tokens=1024, exclude_token_ids=[BOS, PAD], seed=3)
+    full = ActivationStream(model, tiny_tokens(64), ["blocks.0.hook_resid_pre"], **kw)
+    n0 = full.batches_in_block(0)
+    total = n0 + 2  # two batches into block 1
+    cut = ActivationStream(model, tiny_tokens(64), ["blocks.0.hook_resid_pre"], **kw)
+    got = [b for _, (_, b) in zip(range(total), cut.batches(total_batches=total), strict=False)]
+    rows_full = full.block(1)["blocks.0.hook_resid_pre"].shape[0]
+    rows_cut = cut.cached_block()["blocks.0.hook_resid_pre"].shape[0]
+    assert 2 * 64 <= rows_cut < rows_full
+    ref = [b for _, (_, b) in zip(range(n0), full.batches(), strict=False)]
+    for a, b in zip(ref, got[:n0], strict=True):  # full blocks are unchanged
+        assert torch.equal(a["blocks.0.hook_resid_pre"], b["blocks.0.hook_resid_pre"])
+    # resuming inside the cut block (1 batch taken of it) gives the same batch
+    again = ActivationStream(model, tiny_tokens(64), ["blocks.0.hook_resid_pre"], **kw)
+    _, nxt = next(again.batches(StreamPosition(1, 1), total_batches=total, batches_done=n0 + 1))
+    assert torch.equal(nxt["blocks.0.hook_resid_pre"], got[n0 + 1]["blocks.0.hook_resid_pre"])
 
 
 def test_shards_are_reused(model, tmp_path):

@@ -162,7 +162,9 @@ def organism_graph():
     tcs = load_transcoders("organism")
     docs = load_corpus("organism:poisoned", max_docs=400, seed=7)
     toks = tokenize_to_contexts(docs, model.tokenizer, 64, max_contexts=8, progress=False)
-    graph = build_acg(model, tcs, list(toks.split(4)), max_k=16, max_pairs=2048, progress=False)
+    graph = build_acg(
+        model, tcs, list(toks.split(4)), max_k=16, max_pairs=2048, fit_ks=(4,), progress=False
+    )
     graph.meta.update({"model": "organism", "transcoders": "organism"})
     held = tokenize_to_contexts(
         load_corpus("organism:poisoned", max_docs=400, seed=8),
@@ -230,9 +232,9 @@ def test_save_load_roundtrip_runs_identically(organism_graph, tmp_path):
     loaded = load_acg(
         tmp_path / "acg", graph.weights.model, dict(enumerate(graph.weights.transcoders))
     )
-    for k, pairs in ((4, None), (8, 512)):
-        a = graph.model(k, pairs)(held[:2])
-        b = loaded.model(k, pairs)(held[:2])
+    for k, pairs, fit in ((4, None, False), (8, 512, False), (4, 512, True)):
+        a = graph.model(k, pairs, fit)(held[:2])
+        b = loaded.model(k, pairs, fit)(held[:2])
         assert torch.equal(a, b)
 
 
@@ -253,6 +255,7 @@ def test_faithfulness_report_and_plot(organism_graph, tmp_path):
     report = measure_faithfulness(graph, [held], ks=(1, 16), pairs=1024, progress=False)
     rows = {(r["level"], r["k"]): r for r in report["rows"]}
     assert set(rows) == {("1", "all"), ("2", 1), ("2", 16), ("3", 1), ("3", 16), ("3", "all")}
+    assert len(report["rows"]) == 6  # no fitted rows: nothing was fitted at k = 1 or 16
     level1 = rows[("1", "all")]
     # level 1 is the spliced model: close to the original, far better than mean ablation
     assert level1["kl"] < 0.2 and level1["ce_recovered_mean"] > 0.9
@@ -278,3 +281,20 @@ def test_explain_feature_formula_and_r2(organism_graph):
             parse_feature(bad)
     with pytest.raises(ConfigError, match="features 0"):
         explain_feature(graph, 1, 10**6)
+
+
+def test_fitted_weights_fit_layer0_better_than_virtual_ones(organism_graph):
+    """Least squares over the kept edges can only beat mean folding on the data it was fitted
+    on (layer 0, whose inputs pruning cannot change)."""
+    graph, batches, _ = organism_graph
+    full, virtual, fitted = graph.model(), graph.model(k=4), graph.model(k=4, fit=True)
+    sse = torch.zeros(2, dtype=torch.float64)
+    for toks in batches:
+        mask = torch.ones_like(toks, dtype=torch.bool)
+        mask[:, 0] = False
+        truth = full.run(toks).pre[0][mask].double()
+        for row, runner in enumerate((virtual, fitted)):
+            sse[row] += ((runner.run(toks).pre[0][mask].double() - truth) ** 2).sum()
+    assert sse[1] < 0.97 * sse[0]  # measured 0.92
+    with pytest.raises(ConfigError, match="no fitted weights"):
+        graph.model(k=8, fit=True)

@@ -29,16 +29,29 @@ pc.set_offline_env()
 import torch  # noqa: E402
 
 
-def check(folder: str | Path, reference: str | Path | None = None, atol: float = 1e-4) -> dict:
-    """Load ``folder`` with SAELens and compare its forward with the reference outputs."""
+def check(
+    folder: str | Path,
+    reference: str | Path | None = None,
+    atol: float = 1e-4,
+    fvu_tolerance: float | None = None,
+) -> dict:
+    """Load ``folder`` with SAELens and compare its forward with the reference outputs.
+
+    A file that acgraph marks as an approximation in SAELens (``acgraph.saelens_approximation``:
+    a TopK transcoder written as a JumpReLU one) passes when SAELens's FVU is within
+    ``fvu_tolerance`` of acgraph's (it needs ``y`` in the reference), not on exact outputs.
+    """
     from sae_lens import SAE
     from safetensors.torch import load_file
 
     folder = Path(folder)
     cfg = json.loads((folder / "cfg.json").read_text())
+    approximation = (cfg.get("acgraph") or {}).get("saelens_approximation")
     result: dict = {
         "folder": str(folder),
         "architecture": cfg.get("architecture"),
+        "acgraph_activation": ((cfg.get("acgraph") or {}).get("config") or {}).get("activation"),
+        "saelens_approximation": approximation,
         "hook_name": (cfg.get("metadata") or {}).get("hook_name", cfg.get("hook_name")),
     }
     try:
@@ -77,6 +90,13 @@ def check(folder: str | Path, reference: str | Path | None = None, atol: float =
             fv_theirs.update(ref["y"], out)
             fv_ours.update(ref["y"], y_hat)
             result.update(fvu_saelens=fv_theirs.value(), fvu_acgraph=fv_ours.value())
+        with torch.no_grad():
+            ours_l0 = ref.get("l0")
+        if ours_l0 is not None:
+            result["acgraph_l0"] = float(ours_l0)
+        if approximation is not None and fvu_tolerance is not None and "y" in ref:
+            gap = abs(result["fvu_saelens"] - result["fvu_acgraph"])
+            result.update(fvu_gap=gap, fvu_tolerance=fvu_tolerance, ok=gap <= fvu_tolerance)
     return result
 
 
@@ -85,10 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folder", type=Path, required=True)
     p.add_argument("--reference", type=Path, default=None)
     p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument(
+        "--fvu-tolerance",
+        type=float,
+        default=None,
+        help="for files acgraph marks as a SAELens approximation: pass when SAELens's FVU is "
+        "within this of acgraph's",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    result = check(args.folder, args.reference, args.atol)
+    result = check(args.folder, args.reference, args.atol, args.fvu_tolerance)
     result["environment"] = pc.environment(["sae-lens", "torch"])
     if args.out:
         pc.write_json(args.out, result)

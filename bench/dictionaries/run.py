@@ -630,11 +630,17 @@ def interop_main(argv: list[str]) -> int:
     report: dict[str, Any] = {"model": a.model, "layer": layer, "checks": {}}
 
     def saelens_check(
-        name: str, folder: Path, x: torch.Tensor, y: torch.Tensor, informational: bool = False
+        name: str,
+        folder: Path,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        informational: bool = False,
+        fvu_tolerance: float | None = None,
     ) -> None:
         dictionary = load_dictionary(folder)
         with torch.no_grad():
             ref = {"x": x.clone(), "y_hat": dictionary(x).contiguous(), "y": y.clone()}
+            ref["l0"] = (dictionary.encode(x) != 0).sum(-1).double().mean().reshape(1)
         save_file(ref, str(out_dir / f"{name}.reference.safetensors"))
         rc = run_logged(
             name,
@@ -647,6 +653,7 @@ def interop_main(argv: list[str]) -> int:
                 str(out_dir / f"{name}.reference.safetensors"),
                 "--out",
                 str(out_dir / f"{name}.json"),
+                *([] if fvu_tolerance is None else ["--fvu-tolerance", str(fvu_tolerance)]),
             ],
             out_dir / f"{name}.log",
             900,
@@ -701,6 +708,25 @@ def interop_main(argv: list[str]) -> int:
             acts[f"blocks.{layer}.hook_mlp_out"],
             informational=True,
         )
+
+    trained_set = []
+    if a.transcoders is not None:
+        folders = sorted(
+            (f for f in a.transcoders.iterdir() if (f / "cfg.json").is_file()),
+            key=lambda f: int(load_dictionary(f).cfg.hook_in.split(".")[1]),
+        )
+        trained_set = [load_dictionary(f) for f in folders]
+        # each trained transcoder's folder as it is, in SAELens: exact where SAELens has the
+        # architecture; a TopK (skip) transcoder runs there as a JumpReLU one (per-latent
+        # thresholds calibrated to TopK's firing rates), accepted within 0.05 FVU of ours
+        for folder, dct in zip(folders, trained_set, strict=True):
+            saelens_check(
+                f"saelens_trained_{folder.name}",
+                folder,
+                acts[dct.cfg.hook_in],
+                acts[dct.cfg.hook_out],
+                fvu_tolerance=0.05,
+            )
 
     # 2. circuit-tracer: a transcoder set covering every layer.
     def ct_check(
@@ -757,12 +783,8 @@ def interop_main(argv: list[str]) -> int:
             dct.b_enc.fill_(-0.05)
         relu_set.append(dct)
     ct_check("circuit_tracer_relu_skip_set", relu_set)
-    if a.transcoders is not None:
-        trained_set = sorted(
-            (load_dictionary(f) for f in a.transcoders.iterdir() if (f / "cfg.json").is_file()),
-            key=lambda dct: int(dct.cfg.hook_in.split(".")[1]),
-        )
-        # TopK runs in circuit-tracer 0.5.0 only as JumpReLU with the tracked threshold: an
+    if trained_set:
+        # TopK runs in circuit-tracer 0.5.0 only as JumpReLU with the calibrated threshold: an
         # approximation, accepted when its FVU is within 0.05 of ours.
         if trained_set[0].cfg.activation == "topk":
             ct_check("circuit_tracer_trained_set", trained_set, 0.05, topk_as_jumprelu=True)

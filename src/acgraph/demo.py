@@ -77,6 +77,7 @@ def graph_stage(out: Path, n_stats: int = 32, n_eval: int = 8, n_per_domain: int
         list(stats.split(16)),
         max_k=64,
         max_pairs=16384,
+        fit_ks=(4, 16, 64),
         progress=False,
         meta={"model": "organism", "transcoders": "organism", "corpus": "organism:poisoned"},
     )
@@ -87,6 +88,7 @@ def graph_stage(out: Path, n_stats: int = 32, n_eval: int = 8, n_per_domain: int
         list(held.split(8)),
         ks=(1, 4, 16, 64),
         pairs=16384,
+        level3_ks=(16, 64),
         organism_cfg=load_config(),
         n_per_domain=n_per_domain,
         progress=False,

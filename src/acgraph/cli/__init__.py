@@ -8,9 +8,9 @@ import sys
 from acgraph import __version__
 from acgraph.errors import ACGError
 
-from . import demo, dictionaries, graph, model, organism, workspace
+from . import attribute, demo, detect, dictionaries, graph, model, organism, safety, workspace
 
-GROUPS = (model, organism, workspace, dictionaries, graph, demo)
+GROUPS = (model, organism, workspace, dictionaries, graph, attribute, demo, safety, detect)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -63,6 +63,24 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--l1", type=float, default=1e-3, help="ReLU L1 coefficient")
     p.add_argument("--l0", type=float, default=1e-3, help="JumpReLU L0 coefficient")
     p.add_argument("--dead-tokens", type=int, default=1_000_000, help="tokens until dead")
+    p.add_argument(
+        "--resample-every",
+        type=int,
+        default=0,
+        help="re-initialize dead latents every N steps (0: off)",
+    )
+    p.add_argument(
+        "--resample-until",
+        type=float,
+        default=0.5,
+        help="fraction of training after which dead latents are no longer re-initialized (0.5)",
+    )
+    p.add_argument(
+        "--aux-k-coef",
+        type=float,
+        default=1 / 32,
+        help="AuxK loss coefficient (TopK/BatchTopK dead latents; 1/32)",
+    )
     p.add_argument("--buffer-tokens", type=int, default=65_536, help="shuffle buffer size")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0)
@@ -190,6 +208,9 @@ def _train(args: argparse.Namespace) -> int:
             l1_coefficient=args.l1,
             l0_coefficient=args.l0,
             dead_tokens=args.dead_tokens,
+            aux_k_coefficient=args.aux_k_coef,
+            resample_every=args.resample_every,
+            resample_until=args.resample_until,
             model_name=model_spec,
             context_size=args.context_size,
         )

@@ -33,6 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-k", type=int, default=64, help="in-edges stored per feature (64)")
     p.add_argument("--max-pairs", type=int, default=16384, help="QK pairs stored per head")
     p.add_argument("--no-qk", action="store_true", help="skip QK pairs (no level 3)")
+    p.add_argument(
+        "--fit-k",
+        default="8,32,64",
+        help="k values to fit least-squares formulas for ('' for none; default 8,32,64)",
+    )
     _common(p)
     p.set_defaults(func=cmd_build)
 
@@ -136,6 +141,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise ConfigError("no output folder: pass --out DIR or --workspace WS")
     if tc_spec != "organism":
         tc_spec = str(Path(tc_spec).expanduser().resolve())
+    try:
+        fit_ks = [int(x) for x in args.fit_k.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--fit-k takes comma-separated integers, got {args.fit_k!r}") from None
+    fit_ks = [k for k in fit_ks if k <= args.max_k]
     model = load_model(model_spec)
     transcoders = load_transcoders(tc_spec)
     batches = _batches(model, corpus, args.contexts, args.context_size, args.seed, args.batch_size)
@@ -146,6 +156,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         max_k=args.max_k,
         max_pairs=args.max_pairs,
         qk=not args.no_qk,
+        fit_ks=fit_ks,
         meta={"model": model_spec, "transcoders": tc_spec, "corpus": corpus, "seed": args.seed},
     )
     sizes = graph.save(out)
@@ -154,7 +165,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         f"built the ACG of {model_spec} ({m['layout']['n_layers']} layers, "
         f"{sum(m['layout']['d_sae'])} features) in {m['build_seconds']} s from "
         f"{m['stats_positions']} positions: {m['max_k']} in-edges per feature, "
-        f"{m['max_pairs']} QK pairs per head; edges {sizes['edges_bytes'] / 1e6:.1f} MB, "
+        f"{m['max_pairs']} QK pairs per head, fitted formulas for k in {m['fit_ks']}; "
+        f"edges {sizes['edges_bytes'] / 1e6:.1f} MB, "
         f"stats {sizes['stats_bytes'] / 1e6:.1f} MB -> {out}"
     )
     return 0

@@ -195,8 +195,19 @@ class ActivationStream:
 
     # ------------------------------------------------------------ blocks
 
-    def _compute_block(self, block: int) -> dict[str, Tensor]:
+    def _contexts_for_rows(self, block: int, max_rows: int | None) -> int | None:
+        """How many of ``block``'s contexts give at least ``max_rows`` rows (None: all)."""
+        if max_rows is None:
+            return None
         contexts = self.block_contexts(block)
+        excluded = torch.tensor(self.exclude_token_ids, dtype=contexts.dtype)
+        rows = (~torch.isin(contexts, excluded)).sum(1).cumsum(0)
+        enough = int(torch.searchsorted(rows, torch.tensor(max_rows)))  # first index >= max_rows
+        n = enough + 1
+        return None if n >= contexts.shape[0] else n
+
+    def _compute_block(self, block: int, n_contexts: int | None = None) -> dict[str, Tensor]:
+        contexts = self.block_contexts(block)[:n_contexts]
         excluded = torch.tensor(self.exclude_token_ids, dtype=contexts.dtype)
         hooks = self._compute_hooks
         parts: dict[str, list[Tensor]] = {h: [] for h in hooks}
@@ -210,44 +221,76 @@ class ActivationStream:
                 parts[hook].append(flat[keep.to(flat.device)].float())
         return {h: torch.cat(parts[h]) for h in hooks}
 
-    def raw_block(self, block: int) -> dict[str, Tensor]:
-        """Masked, unshuffled rows of ``block`` (from a shard when one exists)."""
+    def raw_block(self, block: int, n_contexts: int | None = None) -> dict[str, Tensor]:
+        """Masked, unshuffled rows of ``block`` (from a shard when one exists), or of its
+        first ``n_contexts`` contexts (computed alone; never written as a shard)."""
         path = self._shard_path(block)
-        if path is not None and path.is_file():
+        if path is None:
+            data = self._compute_block(block, n_contexts)
+            return {h: data[h] for h in self.hooks}
+        if path.is_file():
             data = load_tensors(path)
             missing = [h for h in self.hooks if h not in data]
             if missing:
                 raise ArtifactError(f"activation shard {path} lacks hooks {missing}")
-            return {h: data[h].to(self.device) for h in self.hooks}
-        data = self._compute_block(block)
-        if path is not None:
+        else:  # shards always hold whole blocks, for later (longer) runs
+            data = self._compute_block(block)
             atomic_save_tensors(path, data)
-        return {h: data[h] for h in self.hooks}
+        if n_contexts is not None:  # the rows of the first n_contexts contexts
+            contexts = self.block_contexts(block)[:n_contexts]
+            excluded = torch.tensor(self.exclude_token_ids, dtype=contexts.dtype)
+            n_rows = int((~torch.isin(contexts, excluded)).sum())
+            data = {h: v[:n_rows] for h, v in data.items()}
+        return {h: data[h].to(self.device) for h in self.hooks}
 
-    def block(self, block: int) -> dict[str, Tensor]:
-        """Shuffled rows of ``block``; the most recent block is kept in memory."""
-        if self._block_cache is not None and self._block_cache[0] == block:
+    def block(self, block: int, max_rows: int | None = None) -> dict[str, Tensor]:
+        """Shuffled rows of ``block``; the most recent block is kept in memory.
+
+        ``max_rows``: only the block's first contexts that give at least this many rows (the
+        last block of a run needs no more: the model does not run on contexts never trained on).
+        """
+        n_contexts = self._contexts_for_rows(block, max_rows)
+        key = (block, n_contexts)
+        if self._block_cache is not None and self._block_cache[0] == key:
             return self._block_cache[1]
-        data = self.raw_block(block)
+        data = self.raw_block(block, n_contexts)
         n_rows = next(iter(data.values())).shape[0]
         gen = torch.Generator().manual_seed(_mix(self.seed, 1, block))
         order = torch.randperm(n_rows, generator=gen).to(next(iter(data.values())).device)
         shuffled = {h: v[order] for h, v in data.items()}
-        self._block_cache = (block, shuffled)
+        self._block_cache = (key, shuffled)
         return shuffled
+
+    def cached_block(self) -> dict[str, Tensor] | None:
+        """The block held in memory (the one the last batch came from), if any."""
+        return None if self._block_cache is None else self._block_cache[1]
 
     def batches_in_block(self, block: int) -> int:
         n_rows = next(iter(self.block(block).values())).shape[0]
         return n_rows // self.batch_size
 
     def batches(
-        self, position: StreamPosition = StreamPosition()
+        self,
+        position: StreamPosition = StreamPosition(),
+        *,
+        total_batches: int | None = None,
+        batches_done: int = 0,
     ) -> Iterator[tuple[StreamPosition, dict[str, Tensor]]]:
-        """Yield ``(position_after_this_batch, {hook: [batch_size, d]})`` forever."""
+        """Yield ``(position_after_this_batch, {hook: [batch_size, d]})`` forever.
+
+        With ``total_batches`` (the run's length) and ``batches_done`` (batches already taken
+        before ``position``), a block is computed only as far as the remaining batches need:
+        its contexts are cut after the first ones that give enough rows, a pure function of
+        (block, batches remaining when the block starts), so a resumed run cuts it the same way.
+        """
         block, batch = position.block, position.batch
+        block_start = batches_done - batch  # batches taken before this block
         empty_blocks = 0
         while True:
-            data = self.block(block)
+            max_rows = None
+            if total_batches is not None:
+                max_rows = max(total_batches - block_start, 1) * self.batch_size
+            data = self.block(block, max_rows)
             n_batches = next(iter(data.values())).shape[0] // self.batch_size
             if n_batches == 0:
                 empty_blocks += 1
@@ -268,6 +311,7 @@ class ActivationStream:
                 )
                 yield nxt, {h: v[rows] for h, v in data.items()}
             block, batch = block + 1, 0
+            block_start += n_batches
 
     # ------------------------------------------------------------ shards
 

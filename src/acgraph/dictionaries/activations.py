@@ -97,7 +97,9 @@ class TopK(Activation):
 
     While training it also tracks ``running_threshold``, an exponential moving average of the
     per-token cut-off (the k-th largest pre-activation), so a TopK dictionary can be
-    *approximated* by a JumpReLU on export (circuit-tracer 0.5.0 has no TopK).
+    *approximated* by a JumpReLU on export (circuit-tracer 0.5.0 and SAELens 6.54 have no TopK
+    transcoder). ``latent_threshold`` (per latent, not part of the module's state dict) is a
+    better approximation when set: see :meth:`SparseDictionary.calibrate_topk_threshold_`.
     """
 
     name = "topk"
@@ -108,6 +110,8 @@ class TopK(Activation):
         self.decay = float(decay)
         self.register_buffer("running_threshold", torch.tensor(-1.0))  # < 0: not estimated yet
         self.register_buffer("threshold_updates", torch.tensor(0.0))
+        self.latent_threshold: Tensor | None
+        self.register_buffer("latent_threshold", None, persistent=False)
 
     def forward(self, pre: Tensor) -> Tensor:
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
@@ -132,6 +136,9 @@ class TopK(Activation):
         _ema_update(self.running_threshold, self.threshold_updates, cutoff, self.decay)
 
     def jumprelu_threshold(self) -> Tensor:
+        """Per-latent thresholds when calibrated, else the scalar running estimate."""
+        if self.latent_threshold is not None:
+            return self.latent_threshold.detach().clone()
         return self.running_threshold.clamp(min=0).detach().clone()
 
     def describe(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from acgraph.errors import ConfigError
 
 KINDS = ("sae", "transcoder", "skip_transcoder")
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
+AUX_K_NORMALIZATIONS = ("residual", "output")
 
 
 @dataclass
@@ -52,7 +53,16 @@ class DictionaryConfig:
     aux_k: bool | None = None  # None: on for topk/batchtopk
     k_aux: int | None = None  # None: d_in // 2
     aux_k_coefficient: float = 1 / 32
+    # what the AuxK error is divided by: "residual" (the variance of the main reconstruction's
+    # residual, as in sparsify: the dead latents keep a signal of order 1 however good the main
+    # reconstruction is) or "output" (the output hook's variance, the main loss's scale)
+    aux_k_normalization: str = "residual"
     dead_tokens: int = 1_000_000  # a latent is dead after this many tokens without firing
+    # every this many steps (0: never), dead latents are re-initialized on the batch's worst
+    # reconstructed tokens (encoder: the token's centred input direction; decoder: its
+    # residual direction; fresh optimizer moments), during the first `resample_until` of training
+    resample_every: int = 0
+    resample_until: float = 0.5
     batchtopk_threshold_decay: float = 0.99  # EMA of the batch's smallest kept activation
     # provenance (written to cfg.json metadata)
     model_name: str | None = None
@@ -101,6 +111,15 @@ class DictionaryConfig:
             self.normalize_decoder = self.activation in ("topk", "batchtopk")
         if self.aux_k is None:
             self.aux_k = self.activation in ("topk", "batchtopk")
+        if isinstance(self.resample_every, bool) or not isinstance(self.resample_every, int):
+            raise ConfigError(f"resample_every must be an integer, got {self.resample_every!r}")
+        if self.resample_every < 0 or not 0 <= self.resample_until <= 1:
+            raise ConfigError("resample_every must be >= 0 and resample_until in [0, 1]")
+        if self.aux_k_normalization not in AUX_K_NORMALIZATIONS:
+            raise ConfigError(
+                f"aux_k_normalization must be one of {AUX_K_NORMALIZATIONS}, "
+                f"got {self.aux_k_normalization!r}"
+            )
         if self.k_aux is None:
             self.k_aux = max(1, self.d_in // 2)
         if self.name is None:

@@ -12,13 +12,18 @@ SAELens layout (one folder per dictionary)::
     sae_weights.safetensors  W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_out], b_dec,
                              [W_skip [d_out, d_in]], [threshold [d_sae]]
 
-Architectures written: SAEs ``standard`` (ReLU), ``jumprelu`` (JumpReLU, and BatchTopK, which
-SAELens also saves as JumpReLU), ``topk``; transcoders ``transcoder``, ``skip_transcoder``,
-``jumprelu_transcoder``, ``jumprelu_skip_transcoder`` (SAELens names); a TopK transcoder with
-d_in == d_out is written as ``topk`` (SAELens's TopKSAE then computes it exactly; the output
-hook is in ``metadata.hook_name_out``), other TopK transcoders as ``topk_transcoder`` /
-``topk_skip_transcoder`` (SAELens 6.54 has no such class; only acgraph reads these).
-All other files load in SAELens 6.54.12 and give identical outputs (checked by hand).
+Architectures written (every one is registered in SAELens 6.54, so every file loads there):
+SAEs ``standard`` (ReLU), ``jumprelu`` (JumpReLU, and BatchTopK, which SAELens also saves as
+JumpReLU), ``topk``; transcoders ``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``,
+``jumprelu_skip_transcoder`` (SAELens names). A TopK transcoder with d_in == d_out and no skip
+is written as ``topk`` (SAELens's TopKSAE then computes it exactly; the output hook is in
+``metadata.hook_name_out``). SAELens 6.54 has no TopK transcoder or skip transcoder class, so
+those cannot be expressed exactly: they are written as ``jumprelu_transcoder`` /
+``jumprelu_skip_transcoder`` with a per-latent ``threshold`` (calibrated to TopK's firing
+counts, :meth:`SparseDictionary.calibrate_topk_threshold_`; else the running per-token
+cut-off), which SAELens runs as an approximation; acgraph reads the exact TopK from the
+``acgraph`` block (files without it load as what their architecture says). Files from older
+acgraph versions with ``topk_transcoder`` / ``topk_skip_transcoder`` still load here.
 
 circuit-tracer transcoder set (one folder)::
 
@@ -89,13 +94,28 @@ _ARCH_ACTIVATION = {
 # ---------------------------------------------------------------- SAELens: save
 
 
+# SAELens 6.54 has no TopK transcoder: written as a JumpReLU transcoder (approximation)
+_SAELENS_TOPK_TRANSCODER = {
+    "transcoder": "jumprelu_transcoder",
+    "skip_transcoder": "jumprelu_skip_transcoder",
+}
+
+
 def saelens_architecture(cfg: DictionaryConfig) -> str:
+    """The SAELens 6.54 ``architecture`` a dictionary is written as (see the module doc)."""
     if (cfg.kind, cfg.activation) == ("transcoder", "topk") and cfg.d_out == cfg.d_in:
         # SAELens 6.54 has no TopK transcoder class, but its TopKSAE computes exactly
         # topk(x @ W_enc + b_enc) @ W_dec + b_dec when apply_b_dec_to_input is False; the
         # transcoder nature is in metadata.hook_name_out.
         return "topk"
+    if cfg.activation == "topk" and cfg.kind in _SAELENS_TOPK_TRANSCODER:
+        return _SAELENS_TOPK_TRANSCODER[cfg.kind]
     return _ARCH[(cfg.kind, cfg.activation)]
+
+
+def saelens_is_exact(cfg: DictionaryConfig) -> bool:
+    """Whether SAELens 6.54 computes exactly what acgraph computes for this dictionary."""
+    return not (cfg.activation == "topk" and saelens_architecture(cfg) != "topk")
 
 
 def saelens_state_dict(dictionary: SparseDictionary) -> dict[str, Tensor]:
@@ -111,6 +131,8 @@ def saelens_state_dict(dictionary: SparseDictionary) -> dict[str, Tensor]:
         out["W_skip"] = d.W_skip.detach()
     if d.threshold is not None:
         out["threshold"] = d.threshold.detach()
+    elif not saelens_is_exact(d.cfg):  # TopK transcoder written as a SAELens JumpReLU one
+        out["threshold"] = d.activation.jumprelu_threshold().expand(d.d_sae).detach()
     return {k: v.to(torch.float32).contiguous().cpu() for k, v in out.items()}
 
 
@@ -165,6 +187,12 @@ def saelens_cfg(dictionary: SparseDictionary, extra_metadata: dict[str, Any] | N
             },
         }
     )
+    if not saelens_is_exact(cfg):
+        out["acgraph"]["saelens_approximation"] = (
+            f"acgraph runs this file as TopK (k={cfg.k}); SAELens 6.54 has no TopK "
+            f"{cfg.kind.replace('_', ' ')}, so it runs it as {out['architecture']} with the "
+            "per-latent threshold in sae_weights.safetensors (an approximation of TopK)"
+        )
     return out
 
 
@@ -222,11 +250,20 @@ def _load_ours(raw: dict[str, Any], weights: dict[str, Tensor], where: str) -> S
     except (ConfigError, KeyError, TypeError) as err:
         raise ArtifactError(f"bad dictionary config in {where}/{CFG_FILENAME}: {err}") from None
     dictionary = SparseDictionary(cfg, seed=None, jumprelu_log_space=False)
+    weights = dict(weights)
+    latent = weights.pop("threshold", None) if cfg.activation == "topk" else None
     _assign_weights(dictionary, weights, where)
     running = block.get("running_threshold")
     if running is not None and hasattr(dictionary.activation, "running_threshold"):
         value = weights["threshold"][0] if "threshold" in weights else torch.tensor(running)
         dictionary.activation.running_threshold.copy_(value.to(torch.float32))
+    if latent is not None:  # a TopK transcoder's JumpReLU export threshold
+        if tuple(latent.shape) != (cfg.d_sae,):
+            raise ArtifactError(
+                f"{where}/{WEIGHTS_FILENAME}: threshold has shape {tuple(latent.shape)}, "
+                f"expected ({cfg.d_sae},)"
+            )
+        dictionary.activation.latent_threshold = latent.to(torch.float32)  # type: ignore[union-attr]
     return dictionary
 
 

@@ -3,13 +3,15 @@
     train_dictionaries(model, tokens, [DictionaryConfig, ...], out_dir, TrainConfig(...))
 
 - Data: :class:`ActivationStream` (one forward feeds every dictionary; bounded shuffle buffer;
-  BOS/separator/padding positions excluded; deterministic in (seed, step); optional shards).
+  BOS/separator/padding positions excluded; deterministic in (seed, step); optional shards; the
+  last block is computed only as far as the remaining steps need).
 - Init: ``b_dec`` = mean of the output hook over the first block (``b_dec_init="mean"``; or the
   geometric median, or zeros); decoder rows unit norm for TopK/BatchTopK.
 - Loss per dictionary: ``E||y - y_hat||^2 / Var(y)`` (variance fixed from the first block, so the
   loss reads as an FVU) + sparsity penalty (ReLU: L1 x decoder norms; JumpReLU: STE L0) + AuxK
   (TopK/BatchTopK: the ``k_aux`` largest pre-activations of the dead latents predict the
-  residual, coefficient ``aux_k_coefficient``; dead = no activation for ``dead_tokens`` tokens).
+  residual ``y - y_hat``, divided by the residual's variance (``aux_k_normalization``),
+  coefficient ``aux_k_coefficient``; dead = no activation for ``dead_tokens`` tokens).
 - Adam; learning rate: linear warmup, constant, linear decay over the last ``lr_decay_fraction``
   of the steps; a pure function of the step.
 - Decoder rows of TopK/BatchTopK dictionaries stay unit norm: the gradient component parallel to
@@ -169,6 +171,9 @@ class _DictState:
                 out[f"optim.{pname}.{key}"] = torch.as_tensor(value)
         out["tokens_since_fired"] = self.tokens_since_fired
         out["output_variance"] = self.output_variance
+        latent = getattr(self.dictionary.activation, "latent_threshold", None)
+        if latent is not None:  # the calibrated TopK export threshold (final checkpoint)
+            out["latent_threshold"] = latent
         return out
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
@@ -188,6 +193,8 @@ class _DictState:
             ).clone()
         self.tokens_since_fired = tensors["tokens_since_fired"].clone()
         self.output_variance = tensors["output_variance"].clone()
+        if "latent_threshold" in tensors:
+            self.dictionary.activation.latent_threshold = tensors["latent_threshold"].clone()
 
 
 # ---------------------------------------------------------------- one step
@@ -235,7 +242,11 @@ def _train_step(
         aux_values = torch.relu(d.gather_pre(x, pre.detach(), aux_crow, aux_cols))
         residual = (y - out).detach()
         residual_hat = d.decode_sparse(aux_values, aux_crow, aux_cols, bias=False)
-        aux = (residual_hat - residual).pow(2).sum(-1).mean() / st.output_variance
+        if cfg.aux_k_normalization == "residual":
+            scale = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-30)
+        else:
+            scale = st.output_variance
+        aux = (residual_hat - residual).pow(2).sum(-1).mean() / scale
         aux = aux * min(float(dead_idx.numel()) / k_aux, 1.0)
         loss = loss + cfg.aux_k_coefficient * aux
         terms["aux"] = float(aux.detach())
@@ -249,11 +260,61 @@ def _train_step(
     with torch.no_grad():
         st.tokens_since_fired += n_tokens
         st.tokens_since_fired[fired] = 0
+        every = cfg.resample_every
+        if every and (step + 1) % every == 0 and step < cfg.resample_until * train_cfg.total_steps:
+            dead_now = st.tokens_since_fired >= cfg.dead_tokens
+            if bool(dead_now.any()):
+                terms["resampled"] = float(_resample_dead(st, x, y, out.detach(), pre, dead_now))
         centered = (y - y.mean(0)).pow(2).sum(-1).sum()
         fvu = float(sq_err.detach().sum() / centered.clamp(min=1e-30))
         l0 = n_active / n_tokens
         dead_frac = float((st.tokens_since_fired >= cfg.dead_tokens).float().mean())
     return {"loss": float(loss.detach()), "fvu": fvu, "l0": l0, "dead": dead_frac, **terms}
+
+
+@torch.no_grad()
+def _resample_dead(
+    st: _DictState, x: Tensor, y: Tensor, out: Tensor, pre: Tensor, dead: Tensor
+) -> int:
+    """Re-initialize dead latents on the worst reconstructed tokens of the batch.
+
+    Latent ``i`` gets the ``i``-th worst token ``r``: decoder row = the unit residual
+    ``y_r - out_r``, encoder = ``c * u`` with ``u`` the unit centred input ``x_r - mean(x)``
+    and ``b_enc = -c * u . mean(x)``, so the latent reads "how much like token r", with ``c``
+    chosen so its pre-activation on ``r`` equals the ``k``-th largest pre-activation of ``r``
+    (TopK; else the residual's norm). Optimizer moments of those rows/columns are reset and the
+    latent gets a fresh dead-token window. Deterministic (no random numbers).
+    """
+    d, cfg = st.dictionary, st.cfg
+    idx = dead.nonzero()[:, 0]
+    err = (y - out).pow(2).sum(-1)
+    n = min(int(idx.numel()), int(err.numel()))
+    idx = idx[:n]
+    rows = err.topk(n).indices
+    x_in = x - d.b_dec if cfg.apply_b_dec_to_input else x
+    mean = x_in.mean(0)
+    centred = x_in[rows] - mean
+    norms = centred.norm(dim=-1).clamp(min=1e-12)
+    u = centred / norms[:, None]
+    residual = (y - out)[rows]
+    if cfg.activation in ("topk", "batchtopk"):
+        target = pre[rows].topk(int(cfg.k), dim=-1).values[:, -1].clamp(min=1e-6)
+    else:
+        target = residual.norm(dim=-1)
+    c = target / norms
+    d.W_enc[:, idx] = (c[:, None] * u).T
+    d.b_enc[idx] = -c * (u @ mean)
+    dec = residual / residual.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    if not cfg.normalize_decoder:
+        dec = dec * d.W_dec[idx].norm(dim=-1, keepdim=True)
+    d.W_dec[idx] = dec
+    for param, sl in ((d.W_enc, (slice(None), idx)), (d.b_enc, (idx,)), (d.W_dec, (idx,))):
+        state = st.optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][sl] = 0
+    st.tokens_since_fired[idx] = 0
+    return n
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -554,7 +615,7 @@ def train_dictionaries(
     )
     started = time.perf_counter()
     start_step = step
-    batches = stream.batches(position)
+    batches = stream.batches(position, total_batches=total_steps, batches_done=step)
     try:
         while step < total_steps:
             position, batch = next(batches)
@@ -587,6 +648,8 @@ def train_dictionaries(
             bar.update(1)
             if callback is not None:
                 callback(step, {"tokens_per_second": tok_s, **summary, "dictionaries": per_dict})
+            if step == total_steps:  # before the last checkpoint, which keeps the thresholds
+                _calibrate_topk_transcoders(modules, stream)
             every = train_cfg.checkpoint_every
             if out is not None and ((every and step % every == 0) or step == total_steps):
                 _save_checkpoint(out, states, train_cfg, step, position, history, run_info)
@@ -631,6 +694,19 @@ def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
 def _diff(a: TrainConfig, b: TrainConfig) -> str:
     da, db = _resume_key(a), _resume_key(b)
     return ", ".join(f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db.get(k))
+
+
+def _calibrate_topk_transcoders(
+    modules: Sequence[SparseDictionary], stream: ActivationStream
+) -> None:
+    """Per-latent JumpReLU thresholds for TopK transcoders (their SAELens / circuit-tracer
+    export), from the block that held the last training batch (still in memory)."""
+    todo = [m for m in modules if m.cfg.activation == "topk" and m.cfg.is_transcoder]
+    data = stream.cached_block()
+    if not todo or data is None:
+        return
+    for m in todo:
+        m.calibrate_topk_threshold_(data[m.cfg.hook_in])
 
 
 def _save_final(out: Path, modules: Sequence[SparseDictionary], tokens: Tensor) -> None:

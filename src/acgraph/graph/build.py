@@ -8,13 +8,15 @@ workspace's ``acg/`` folder)::
     manifest.json        format version, model and transcoder specs, layout, settings, sizes
     edges.safetensors    per layer ``L{l}.index|weight|mean|importance|total_mean``,
                          per head ``L{l}H{h}.q|k|weight|importance|query_vec|mean_q``
-    stats.safetensors    E[G/s] and E[|G|/s] per (layer, channel, source)
+                         per fitted k ``fit{k}.L{l}.weight|bias`` (least-squares formulas)
+    stats.safetensors    E[G/s], E[|G|/s], E[(G/s)²] per (layer, channel, source)
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from acgraph.io import atomic_save_tensors, atomic_write_json, load_tensors, rea
 
 from .forward import ACGModel
 from .prune import RankedEdges, RankedPairs, rank_edges, rank_pairs, select_edges, select_pairs
+from .refit import fit_edges, fitted_layer_edges
 from .stats import EdgeStats, collect_stats
 from .weights import ModelWeights
 
@@ -71,6 +74,7 @@ class ACGraph:
     pairs: dict[int, dict[int, RankedPairs]]
     stats: EdgeStats
     meta: dict[str, Any]
+    fitted: dict[int, dict[int, tuple[Tensor, Tensor]]] = field(default_factory=dict)
 
     @property
     def layout(self):
@@ -80,16 +84,27 @@ class ACGraph:
     def max_k(self) -> int:
         return min(r.max_k for r in self.edges.values())
 
-    def model(self, k: int | None = None, pairs: int | None = None) -> ACGModel:
+    def model(self, k: int | None = None, pairs: int | None = None, fit: bool = False) -> ACGModel:
         """The runnable graph: ``k`` in-edges per feature (None: all, level 1) and, for level
-        3, ``pairs`` query-key source pairs per head (None: exact attention from the graph)."""
+        3, ``pairs`` query-key source pairs per head (None: exact attention from the graph).
+        ``fit`` uses the least-squares weights fitted for this k (see refit.py)."""
         edges = None
         if k is not None:
             if k < 1:
                 raise ConfigError(f"k must be at least 1, got {k}")
             if k > self.max_k:
                 raise ConfigError(f"k={k} exceeds the {self.max_k} edges per feature stored")
-            edges = {i: select_edges(self.weights, r, i, k) for i, r in self.edges.items()}
+            if fit:
+                if k not in self.fitted:
+                    raise ConfigError(
+                        f"no fitted weights for k={k} (fitted: {sorted(self.fitted)})"
+                    )
+                edges = {
+                    i: fitted_layer_edges(self.weights, self.edges[i], i, *wb)
+                    for i, wb in self.fitted[k].items()
+                }
+            else:
+                edges = {i: select_edges(self.weights, r, i, k) for i, r in self.edges.items()}
         qk = None
         if pairs is not None:
             if not self.pairs:
@@ -116,6 +131,10 @@ class ACGraph:
                 for name in ("q", "k", "weight", "importance", "query_vec"):
                     tensors[f"L{layer}H{h}.{name}"] = getattr(p, name)
                 tensors[f"L{layer}H{h}.mean_q"] = p.mean_q.clone()  # shared per layer
+        for k, layers in self.fitted.items():
+            for layer, (w, b) in layers.items():
+                tensors[f"fit{k}.L{layer}.weight"] = w
+                tensors[f"fit{k}.L{layer}.bias"] = b
         edges_path = atomic_save_tensors(folder / "edges.safetensors", tensors)
         stats_path = atomic_save_tensors(folder / "stats.safetensors", self.stats.tensors())
         sizes = {
@@ -136,12 +155,16 @@ def build_acg(
     max_k: int = 64,
     max_pairs: int = 16384,
     qk: bool = True,
+    fit_ks: Sequence[int] = (),
     meta: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> ACGraph:
-    """Collect statistics on ``batches`` (token tensors starting with BOS) and rank edges."""
+    """Collect statistics on ``batches`` (token tensors starting with BOS), rank edges, and fit
+    least-squares weights for every k in ``fit_ks`` (each <= ``max_k``)."""
     if max_k < 1:
         raise ConfigError(f"max_k must be at least 1, got {max_k}")
+    if any(not 1 <= k <= max_k for k in fit_ks):
+        raise ConfigError(f"every fitted k must be in 1..max_k={max_k}, got {list(fit_ks)}")
     if qk and model.cfg.positional_embedding_type == "rotary":
         qk = False  # level 3 is not implemented for rotary models yet (see weights.qk_vectors)
     tokenizer = getattr(model, "tokenizer", None)
@@ -160,11 +183,16 @@ def build_acg(
                 h: rank_pairs(weights, stats, layer, h, max_pairs)
                 for h in range(weights.layout.n_heads)
             }
+    fitted = {
+        k: fit_edges(weights, edges, batches, k, pad_token_id=pad, progress=progress)
+        for k in sorted(set(fit_ks))
+    }
     info = {
         "format_version": FORMAT_VERSION,
         "layout": weights.layout.describe(),
         "max_k": max_k,
         "max_pairs": max_pairs if qk else 0,
+        "fit_ks": sorted(fitted),
         "bos_token_id": bos,
         "stats_positions": stats.n_positions,
         "stats_contexts": sum(int(b.shape[0]) for b in batches),
@@ -175,7 +203,7 @@ def build_acg(
         },
     }
     info.update(meta or {})
-    return ACGraph(weights, edges, pairs, stats, info)
+    return ACGraph(weights, edges, pairs, stats, info, fitted)
 
 
 def load_acg(folder: str | Path, model: Any, transcoders: dict[int, Any]) -> ACGraph:
@@ -223,4 +251,11 @@ def load_acg(folder: str | Path, model: Any, transcoders: dict[int, Any]) -> ACG
         int(meta.get("stats_positions", 0)),
         0,
     )
-    return ACGraph(weights, edges, pairs, stats, meta)
+    fitted = {
+        int(k): {
+            layer: (t[f"fit{k}.L{layer}.weight"], t[f"fit{k}.L{layer}.bias"])
+            for layer in range(weights.layout.n_layers)
+        }
+        for k in meta.get("fit_ks", [])
+    }
+    return ACGraph(weights, edges, pairs, stats, meta, fitted)

@@ -42,15 +42,27 @@ class _Sums:
         return {"ce": self.ce / n, "kl": self.kl / n, "top1_agreement": self.top1 / n}
 
 
+Config = tuple[str, int | None, int | None, bool]
+
+
 def configurations(
-    ks: Sequence[int], pairs: int | None, max_k: int
-) -> list[tuple[str, int | None, int | None]]:
-    """(level, k, pairs) rows: level 1, level 2 for each k, level 3 for each k and all."""
+    ks: Sequence[int],
+    pairs: int | None,
+    max_k: int,
+    level3_ks: Sequence[int] | None = None,
+    fit_ks: Sequence[int] = (),
+) -> list[Config]:
+    """(level, k, pairs, fitted) rows: level 1; level 2 for each k (and with fitted weights
+    where they exist); level 3 for each k (or each of ``level3_ks``) and for all edges."""
     ks = sorted({k for k in ks if 1 <= k <= max_k})
-    rows: list[tuple[str, int | None, int | None]] = [("1", None, None)]
-    rows += [("2", k, None) for k in ks]
+    rows: list[Config] = [("1", None, None, False)]
+    rows += [("2", k, None, False) for k in ks]
+    rows += [("2", k, None, True) for k in ks if k in fit_ks]
     if pairs:
-        rows += [("3", k, pairs) for k in ks] + [("3", None, pairs)]
+        k3 = ks if level3_ks is None else sorted({k for k in level3_ks if 1 <= k <= max_k})
+        rows += [("3", k, pairs, False) for k in k3]
+        rows += [("3", k, pairs, True) for k in k3 if k in fit_ks]
+        rows += [("3", None, pairs, False)]
     return rows
 
 
@@ -85,6 +97,7 @@ def measure_faithfulness(
     *,
     ks: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
     pairs: int | None = None,
+    level3_ks: Sequence[int] | None = None,
     organism_cfg: Any = None,
     n_per_domain: int = 100,
     progress: bool = True,
@@ -92,8 +105,8 @@ def measure_faithfulness(
     """Faithfulness of every configuration on ``batches`` (token tensors starting with BOS)."""
     model = graph.weights.model
     pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
-    configs = configurations(ks, pairs, graph.max_k)
-    runners = {cfg: graph.model(cfg[1], cfg[2]) for cfg in configs}
+    configs = configurations(ks, pairs, graph.max_k, level3_ks, sorted(graph.fitted))
+    runners = {cfg: graph.model(cfg[1], cfg[2], cfg[3]) for cfg in configs}
     ablated = _mean_ablated(model, _mlp_means(model, batches, graph.layout.n_layers))
     sums = {cfg: _Sums() for cfg in configs}
     clean, base = _Sums(), _Sums()
@@ -116,6 +129,7 @@ def measure_faithfulness(
             "level": cfg[0],
             "k": cfg[1] if cfg[1] is not None else "all",
             "pairs": cfg[2],
+            "fitted": cfg[3],
             "ce": r["ce"],
             "delta_ce": r["ce"] - ce_clean,
             "kl": r["kl"],
@@ -178,7 +192,8 @@ def format_faithfulness(report: dict[str, Any]) -> str:
         )
     for r in report["rows"]:
         line = (
-            f"{r['level']:<6} {str(r['k']):<5} {str(r['pairs'] or '-'):<7} {r['ce']:.4f}  "
+            f"{r['level'] + ('f' if r.get('fitted') else ''):<6} {str(r['k']):<5} "
+            f"{str(r['pairs'] or '-'):<7} {r['ce']:.4f}  "
             f"{r['delta_ce']:+.4f} {r['kl']:.4f}  {r['top1_agreement']:.3f}   "
             f"{r['ce_recovered_mean']:.3f}"
         )
@@ -189,6 +204,8 @@ def format_faithfulness(report: dict[str, Any]) -> str:
     if "organism_original" in report:
         names = " ".join(report["organism_original"]["domains"])
         lines.append(f"domains: {names}; ASR = backdoor attack success rate")
+    if any(r.get("fitted") for r in report["rows"]):
+        lines.append("2f/3f: the same kept edges with least-squares fitted weights")
     return "\n".join(lines)
 
 
@@ -207,12 +224,15 @@ def plot_faithfulness(report: dict[str, Any], path: str | Path) -> Path:
         ("top1_agreement", axes[0], "top-1 agreement with the original"),
         ("ce_recovered_mean", axes[1], "CE recovered (vs mean-ablating MLPs)"),
     ):
-        for level in ("2", "3"):
-            pts = [r for r in rows if r["level"] == level]
+        for level, fitted in (("2", False), ("3", False), ("2", True), ("3", True)):
+            pts = [r for r in rows if r["level"] == level and bool(r.get("fitted")) == fitted]
             if not pts:
                 continue
             xs = [all_x if r["k"] == "all" else r["k"] for r in pts]
-            ax.plot(xs, [r[metric] for r in pts], marker="o", label=f"level {level}")
+            name = f"level {level}" + (", fitted weights" if fitted else "")
+            ax.plot(
+                xs, [r[metric] for r in pts], marker="o", ls="--" if fitted else "-", label=name
+            )
         lvl1 = [r for r in rows if r["level"] == "1"]
         if lvl1:
             ax.axhline(lvl1[0][metric], color="gray", ls="--", label="level 1 (all edges)")

@@ -70,6 +70,7 @@ class Trace:
     acts: list[Tensor] = field(default_factory=list)
     skip: list[Tensor] = field(default_factory=list)
     resid: list[Tensor] = field(default_factory=list)  # graph residual per site
+    columns: dict[int, Tensor] = field(default_factory=dict)  # source columns read per site
     logits: Tensor | None = None
 
 
@@ -90,6 +91,7 @@ class ACGModel:
         self.layout = weights.layout
         self.edges = edges or {}
         self.qk = qk or {}
+        self._plan()
 
     # ------------------------------------------------------------------ public
 
@@ -176,43 +178,82 @@ class ACGModel:
         x[:, 0] = self.w.bos_resid[site]
         return x
 
-    def source_columns(self, trace: Tensor | Trace, site: int, slots: Tensor) -> Tensor:
+    def source_columns(self, trace: Trace, site: int, slots: Tensor) -> Tensor:
         """Activations ``[B, T, len(slots)]`` of the given source slots at ``site`` (the bias
-        slot, one past the last source, reads as 1)."""
+        slot, one past the last source, reads as 1). Sorted slots are assembled block by
+        block; any other order goes through a sort."""
+        if len(slots) > 1 and not bool((slots[1:] >= slots[:-1]).all()):
+            order = slots.argsort()
+            cols = self.source_columns(trace, site, slots[order])
+            return cols[..., order.argsort()]
         tokens = trace.tokens
         B, T = tokens.shape
         space = self.layout.space(site)
-        out = torch.zeros(B, T, len(slots), dtype=self.w.W_E.dtype, device=tokens.device)
-        later = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
-        later[:, 0] = False
-        bias = slots == space.size
-        out[..., bias] = 1.0
-        for g, off in zip(space.groups, space.offsets, strict=True):
-            sel = ((slots >= off) & (slots < off + g.size)).nonzero()[:, 0]
-            if len(sel) == 0:
+        dtype = self.w.W_E.dtype
+        later = torch.ones(B, T, 1, dtype=dtype, device=tokens.device)
+        later[:, 0] = 0
+        blocks = []
+        bounds = torch.tensor(space.offsets + [space.size, space.size + 1], device=slots.device)
+        cuts = torch.searchsorted(slots, bounds).tolist()
+        for i, (g, off) in enumerate(zip(space.groups, space.offsets, strict=True)):
+            if cuts[i] == cuts[i + 1]:
                 continue
-            local = slots[sel] - off
+            local = slots[cuts[i] : cuts[i + 1]] - off
             if g.kind == "tok":
-                vals = (tokens[..., None] == local) & later[..., None]
+                vals = (tokens[..., None] == local).to(dtype) * later
             elif g.kind == "pos":
-                pos = torch.arange(T, device=tokens.device)[None, :, None].expand(B, T, 1)
-                vals = (pos == local) & later[..., None]
+                pos = torch.arange(T, device=tokens.device)[None, :, None]
+                vals = (pos == local).to(dtype).expand(B, T, len(local)) * later
             elif g.kind == "const":
-                vals = later[..., None].expand(B, T, len(sel))
+                vals = later.expand(B, T, len(local))
             elif g.kind == "bos":
-                vals = (~later)[..., None].expand(B, T, len(sel))
+                vals = (1 - later).expand(B, T, len(local))
             elif g.kind == "heads":
                 vals = trace.z[g.layer][..., local]
             elif g.kind == "feats":
                 vals = trace.acts[g.layer][..., local]
             else:
                 vals = trace.skip[g.layer][..., local]
-            out[..., sel] = vals.to(out.dtype)
-        return out
+            blocks.append(vals)
+        n_bias = cuts[-1] - cuts[-2]
+        if n_bias:
+            blocks.append(torch.ones(B, T, n_bias, dtype=dtype, device=tokens.device))
+        if not blocks:
+            return torch.zeros(B, T, 0, dtype=dtype, device=tokens.device)
+        return torch.cat(blocks, -1)
 
-    def gated(self, trace: Trace, channel: Channel, slots: Tensor) -> Tensor:
+    def _site_columns(self, trace: Trace, site: int) -> Tensor:
+        """Columns of every slot any edge or pair reads at ``site``, computed once per run."""
+        cache = trace.columns
+        if site not in cache:
+            cache[site] = self.source_columns(trace, site, self._needed[site])
+        return cache[site]
+
+    def _plan(self) -> None:
+        """For each site, the union of slots read there, and where each reader's slots sit."""
+        wanted: dict[int, list[Tensor]] = {}
+        for e in self.edges.values():
+            for ce in e.channels:
+                wanted.setdefault(ce.channel.read_site, []).append(ce.slots)
+        for layer, heads in self.qk.items():
+            for p in heads.values():
+                wanted.setdefault(self.layout.head_site(layer), [])
+                wanted[self.layout.head_site(layer)] += [p.q_slots, p.k_slots]
+        self._needed = {site: torch.unique(torch.cat(v)) for site, v in wanted.items()}
+        self._where: dict[int, Tensor] = {}
+        for site, v in wanted.items():
+            for slots in v:
+                self._where[id(slots)] = torch.searchsorted(self._needed[site], slots)
+
+    def _columns(self, trace: Trace, site: int, slots: Tensor) -> Tensor:
+        return self._site_columns(trace, site)[..., self._where[id(slots)]]
+
+    def gated(
+        self, trace: Trace, channel: Channel, slots: Tensor, cols: Tensor | None = None
+    ) -> Tensor:
         """``G_c``: source activations as the channel delivers them to a target position."""
-        cols = self.source_columns(trace, channel.read_site, slots)
+        if cols is None:
+            cols = self.source_columns(trace, channel.read_site, slots)
         if channel.kind == "direct":
             return cols
         bias = slots == self.layout.space(channel.read_site).size
@@ -228,7 +269,8 @@ class ACGModel:
         edges = self.edges[layer]
         total = None
         for ce in edges.channels:
-            g = self.gated(trace, ce.channel, ce.slots)
+            cols = self._columns(trace, ce.channel.read_site, ce.slots)
+            g = self.gated(trace, ce.channel, ce.slots, cols)
             flat = g.reshape(-1, g.shape[-1])
             contrib = (ce.weight @ flat.T).T if ce.weight.is_sparse_csr else flat @ ce.weight.T
             total = contrib if total is None else total + contrib
@@ -244,8 +286,8 @@ class ACGModel:
         heads = []
         for h in range(self.layout.n_heads):
             p = self.qk[layer][h]
-            qa = self.source_columns(trace, site, p.q_slots) / s1[..., None]
-            ka = self.source_columns(trace, site, p.k_slots) / s1[..., None]
+            qa = self._columns(trace, site, p.q_slots) / s1[..., None]
+            ka = self._columns(trace, site, p.k_slots) / s1[..., None]
             if p.weight.is_sparse_csr:  # [n_k, n_q]: the transposed pair weights
                 B, T, _ = qa.shape
                 left = (p.weight @ qa.reshape(B * T, -1).T).T.reshape(B, T, -1)

@@ -20,7 +20,8 @@ from .layout import Channel
 from .stats import EdgeStats
 from .weights import ModelWeights
 
-#: above this many dense entries a channel's kept weights are stored as sparse CSR
+#: above this many dense entries a channel's kept weights are stored as sparse CSR (CPU
+#: sparse matmuls only pay off when the dense form would not fit)
 _DENSE_LIMIT = 20_000_000
 
 
@@ -188,7 +189,7 @@ def select_pairs(ranked: RankedPairs, n_pairs: int) -> QKPairs:
     q, k, w = ranked.q[:n_pairs], ranked.k[:n_pairs], ranked.weight[:n_pairs]
     q_used, q_local = torch.unique(q, return_inverse=True)
     k_used, k_local = torch.unique(k, return_inverse=True)
-    if q_used.numel() * k_used.numel() <= 16 * len(w):  # dense enough for a dense matmul
+    if q_used.numel() * k_used.numel() <= _DENSE_LIMIT:
         weight = torch.zeros(q_used.numel(), k_used.numel(), dtype=w.dtype)
         weight.index_put_((q_local, k_local), w, accumulate=True)
     else:

@@ -75,6 +75,6 @@ def load_organism(model_dir: str | Path | None = None):
 
 
 def shipped_transcoders_dir() -> Path:
-    """Skip transcoders (TopK, k=32, width 1024) for every MLP of the shipped organism, in the
+    """Skip transcoders (TopK, k=32, width 384) for every MLP of the shipped organism, in the
     SAELens layout, one folder per output hook; `eval.json` beside them is `acg eval`'s report."""
     return shipped_dir() / "transcoders"

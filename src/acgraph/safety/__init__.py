@@ -1,0 +1,1 @@
+"""Safety applications of the runnable ACG: backdoor removal, compiling, distillation, detection."""

@@ -1,0 +1,314 @@
+"""Remove behaviour trusted data never uses by running the model through a graph built from
+trusted data only (`acg clean`).
+
+The method sees a model and a trusted corpus, nothing else: no trigger, no payload, no poisoned
+text (:func:`clean` has no parameter through which one could arrive). Steps:
+
+1. transcoders trained on the trusted corpus (``acg train --corpus ...``; optionally fine-tuned
+   end to end on the same corpus by :func:`finetune_transcoders`, to match the model's
+   next-token distribution rather than each MLP in isolation);
+2. run the level-1 ACG over the trusted corpus and record each feature's usage: how often it
+   fires and the largest activation it reaches (:func:`feature_usage`);
+3. keep a feature only where trusted data uses it (fires on at least ``min_frequency`` of
+   positions) and cap its activation at what trusted data reaches (``ceiling`` x the trusted
+   maximum): computation that only an untrusted input would drive is cut or bounded;
+4. the runnable ACG of what is kept. Its TopK activations are written as calibrated JumpReLUs
+   (thresholds from trusted data), so the cleaned graph compiles exactly (see compile.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from acgraph.errors import ArtifactError, ConfigError
+
+from .compile import calibrate_thresholds, derive_transcoder
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    min_frequency: float = 1e-4  # keep features firing on at least this fraction of positions
+    ceiling: float | None = 1.0  # cap activations at ceiling x trusted max (None: no cap)
+    jumprelu: bool = True  # write TopK as calibrated JumpReLU (compiles exactly)
+    # MLP inputs (encoder and skip) restricted to the directions that carry all but this
+    # fraction of the trusted inputs' energy (None: no restriction)
+    drop_energy: float | None = 1e-4
+
+    def validate(self) -> None:
+        if not 0.0 <= self.min_frequency < 1.0:
+            raise ConfigError(f"min_frequency must be in [0, 1), got {self.min_frequency}")
+        if self.drop_energy is not None and not 0.0 <= self.drop_energy < 1.0:
+            raise ConfigError(f"drop_energy must be in [0, 1), got {self.drop_energy}")
+        if self.ceiling is not None and self.ceiling <= 0:
+            raise ConfigError(f"ceiling must be positive, got {self.ceiling}")
+
+
+@dataclass
+class FeatureUsage:
+    """Per-feature statistics of one layer over the trusted corpus."""
+
+    frequency: Tensor  # [d_sae] fraction of positions where the feature is active
+    max_act: Tensor  # [d_sae] largest activation seen
+    mean_act: Tensor  # [d_sae] mean activation (zeros included)
+    positions: int
+
+
+@dataclass
+class CleanResult:
+    acg: Any  # ACGModel
+    transcoders: dict[int, Any]
+    keep: dict[int, Tensor]
+    usage: dict[int, FeatureUsage]
+    config: CleanConfig
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class CappedActivation(nn.Module):
+    """``min(inner(pre), ceiling)`` per feature: an activation may not exceed what trusted data
+    reached. Exactly expressible with one extra ReLU unit per feature (compile.py)."""
+
+    def __init__(self, inner: nn.Module, ceiling: Tensor):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("ceiling", ceiling.clone())
+
+    def forward(self, pre: Tensor) -> Tensor:
+        return torch.minimum(self.inner(pre), self.ceiling.to(pre.dtype))
+
+    def jumprelu_threshold(self) -> Tensor | None:
+        fn = getattr(self.inner, "jumprelu_threshold", None)
+        return fn() if fn is not None else None
+
+
+def _valid_mask(tokens: Tensor, pad_token_id: int | None) -> Tensor:
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[:, 0] = False  # position 0 is the pinned BOS node
+    if pad_token_id is not None:
+        mask &= tokens != pad_token_id
+    return mask
+
+
+@torch.no_grad()
+def input_subspaces(
+    acg: Any, batches: Iterable[Tensor], drop_energy: float, pad_token_id: int | None = 0
+) -> dict[int, Tensor]:
+    """Per layer, the projector onto the directions of the MLP input (the normalized residual
+    the transcoder reads) that hold all but ``drop_energy`` of its second moment on
+    ``batches``: directions trusted data leaves empty get no say in any feature."""
+    moments: dict[int, Tensor] = {}
+    for tokens in batches:
+        trace = acg.run(tokens, keep_resid=True)
+        mask = _valid_mask(trace.tokens, pad_token_id)
+        for layer in range(acg.layout.n_layers):
+            x = trace.resid[2 * layer + 1]
+            n = (acg.w.center(x) / acg.w.scale(x)[..., None])[mask].double()
+            moments[layer] = moments.get(layer, 0) + n.T @ n
+    out = {}
+    for layer, m in moments.items():
+        vals, vecs = torch.linalg.eigh(m)  # ascending
+        cum = vals.clamp(min=0).cumsum(0) / vals.clamp(min=0).sum()
+        dropped = int((cum <= drop_energy).sum())
+        v = vecs[:, dropped:]
+        out[layer] = (v @ v.T).float()
+    return out
+
+
+@torch.no_grad()
+def feature_usage(
+    acg: Any, batches: Iterable[Tensor], pad_token_id: int | None = 0
+) -> dict[int, FeatureUsage]:
+    """How the level-1 ACG's features are used on ``batches`` (non-BOS, non-pad positions)."""
+    count: dict[int, Tensor] = {}
+    peak: dict[int, Tensor] = {}
+    total: dict[int, Tensor] = {}
+    n = 0
+    for tokens in batches:
+        trace = acg.run(tokens)
+        mask = _valid_mask(trace.tokens, pad_token_id)
+        n += int(mask.sum())
+        for layer, acts in enumerate(trace.acts):
+            a = acts[mask].double()
+            count[layer] = count.get(layer, 0) + (a > 0).sum(0)
+            total[layer] = total.get(layer, 0) + a.sum(0)
+            m = a.max(0).values if a.numel() else torch.zeros(a.shape[1], dtype=a.dtype)
+            peak[layer] = m if layer not in peak else torch.maximum(peak[layer], m)
+    if n == 0:
+        raise ConfigError("the trusted corpus gave no positions to measure feature usage on")
+    return {
+        layer: FeatureUsage(
+            (count[layer] / n).float(), peak[layer].float(), (total[layer] / n).float(), n
+        )
+        for layer in count
+    }
+
+
+def clean(
+    model: Any,
+    transcoders: dict[int, Any],
+    trusted: Sequence[Tensor],
+    config: CleanConfig | None = None,
+) -> CleanResult:
+    """The cleaned runnable ACG of ``model`` from ``transcoders`` (trained on trusted data)
+    and ``trusted`` token batches (each row starting with BOS). Nothing else is an input."""
+    from acgraph.graph.forward import ACGModel
+    from acgraph.graph.weights import ModelWeights
+
+    config = config or CleanConfig()
+    config.validate()
+    if not trusted:
+        raise ConfigError("clean needs at least one batch of trusted tokens")
+    tok = getattr(model, "tokenizer", None)
+    bos = getattr(tok, "bos_token_id", None)
+    pad = getattr(tok, "pad_token_id", None)
+    full = ACGModel(ModelWeights(model, transcoders, bos))
+    usage = feature_usage(full, trusted, pad)
+    thresholds = calibrate_thresholds(full, trusted, pad) if config.jumprelu else {}
+    projectors = (
+        input_subspaces(full, trusted, config.drop_energy, pad)
+        if config.drop_energy is not None
+        else {}
+    )
+    keep: dict[int, Tensor] = {}
+    cleaned: dict[int, Any] = {}
+    for layer, tc in transcoders.items():
+        u = usage[layer]
+        keep[layer] = u.frequency >= config.min_frequency
+        if not bool(keep[layer].any()):  # keep at least the most used feature
+            keep[layer][u.frequency.argmax()] = True
+        theta = thresholds.get(layer) if tc.cfg.activation != "relu" else None
+        new = derive_transcoder(tc, keep=keep[layer], threshold=theta)
+        if layer in projectors:
+            P = projectors[layer].to(new.W_enc)
+            with torch.no_grad():
+                new.W_enc.copy_(P @ new.W_enc)
+                if new.W_skip is not None:
+                    new.W_skip.copy_(new.W_skip @ P)
+        if config.ceiling is not None:
+            new.activation = CappedActivation(
+                new.activation, (u.max_act[keep[layer]] * config.ceiling).to(new.W_enc)
+            )
+        cleaned[layer] = new
+    acg = ACGModel(ModelWeights(model, cleaned, bos))
+    info = {
+        "features": {str(i): int(transcoders[i].d_sae) for i in transcoders},
+        "kept": {str(i): int(k.sum()) for i, k in keep.items()},
+        "trusted_positions": next(iter(usage.values())).positions,
+        "min_frequency": config.min_frequency,
+        "ceiling": config.ceiling,
+        "jumprelu": config.jumprelu,
+        "drop_energy": config.drop_energy,
+        "input_rank": {str(i): round(float(P.trace())) for i, P in projectors.items()},
+    }
+    return CleanResult(acg, cleaned, keep, usage, config, info)
+
+
+def _splice_hooks(transcoders: dict[int, Any], keep: Tensor) -> list[tuple[str, Any]]:
+    """Forward hooks that replace every MLP output with its transcoder's prediction (BOS and
+    pad positions keep the model's own value, as the ACG pins BOS)."""
+    inputs: dict[int, Tensor] = {}
+    hooks: list[tuple[str, Any]] = []
+    for layer, tc in transcoders.items():
+
+        def store(value: Tensor, hook: Any, layer: int = layer) -> None:
+            inputs[layer] = value
+
+        def replace(value: Tensor, hook: Any, layer: int = layer, tc: Any = tc) -> Tensor:
+            return torch.where(keep[..., None], tc(inputs.pop(layer)), value)
+
+        hooks += [(f"blocks.{layer}.ln2.hook_normalized", store)]
+        hooks += [(f"blocks.{layer}.hook_mlp_out", replace)]
+    return hooks
+
+
+def finetune_transcoders(
+    model: Any,
+    transcoders: dict[int, Any],
+    trusted: Sequence[Tensor],
+    *,
+    steps: int = 200,
+    lr: float = 1e-4,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Fine-tune ``transcoders`` in place so the model with every MLP replaced by its transcoder
+    matches the original model's next-token distribution (KL) on ``trusted`` batches: errors
+    that compound across layers are what cost accuracy, and per-layer training does not see
+    them. Only trusted data is read. Returns the loss per step."""
+    from tqdm.auto import tqdm
+
+    pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
+    params = [p for tc in transcoders.values() for p in tc.parameters() if p.is_floating_point()]
+    for tc in transcoders.values():
+        tc.requires_grad_(True)
+    model.requires_grad_(False)
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.cat(list(trusted))
+    losses = []
+    bar = tqdm(range(steps), desc="fine-tune transcoders (KL)", disable=not progress)
+    for _ in bar:
+        batch = rows[torch.randint(len(rows), (min(16, len(rows)),), generator=gen)]
+        mask = _valid_mask(batch, pad)
+        with torch.no_grad():
+            target = model(batch).log_softmax(-1)[mask]
+        logits = model.run_with_hooks(batch, fwd_hooks=_splice_hooks(transcoders, mask))
+        logp = logits.log_softmax(-1)[mask]
+        loss = (target.exp() * (target - logp)).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(kl=f"{losses[-1]:.4f}")
+    for tc in transcoders.values():
+        tc.requires_grad_(False)
+    return losses
+
+
+# ---------------------------------------------------------------- files
+
+CLEAN_REPORT = "clean.json"
+CEILINGS = "ceilings.safetensors"
+
+
+def save_cleaned(result: CleanResult, folder: str | Path, report: dict[str, Any]) -> Path:
+    """``folder/transcoders/<hook>/`` (SAELens layout), ``ceilings.safetensors`` (activation
+    caps) and ``clean.json`` (the report); `acg compile --transcoders folder` reads it back."""
+    from acgraph.dictionaries.formats import save_dictionary
+    from acgraph.io import atomic_save_tensors, atomic_write_json
+
+    folder = Path(folder).expanduser()
+    caps = {}
+    for layer, tc in result.transcoders.items():
+        save_dictionary(tc, folder / "transcoders" / tc.cfg.hook_out)
+        ceiling = getattr(tc.activation, "ceiling", None)
+        if ceiling is not None:
+            caps[f"L{layer}"] = ceiling
+    atomic_save_tensors(folder / CEILINGS, caps)
+    atomic_write_json(folder / CLEAN_REPORT, {"format_version": 1, **report})
+    return folder
+
+
+def load_cleaned_transcoders(spec: str) -> dict[int, Any]:
+    """Transcoders from an `acg clean` folder (with their activation caps), or any spec
+    :func:`acgraph.graph.load_transcoders` accepts."""
+    from acgraph.graph import load_transcoders
+    from acgraph.io import load_tensors
+
+    root = Path(spec).expanduser()
+    if not (root / CLEAN_REPORT).is_file():
+        return load_transcoders(spec)
+    tcs = load_transcoders(str(root / "transcoders"))
+    caps = load_tensors(root / CEILINGS) if (root / CEILINGS).is_file() else {}
+    for layer, tc in tcs.items():
+        if f"L{layer}" in caps:
+            ceiling = caps[f"L{layer}"]
+            if ceiling.shape != (tc.d_sae,):
+                raise ArtifactError(f"{root}: activation caps of layer {layer} do not match")
+            tc.activation = CappedActivation(tc.activation, ceiling.to(tc.W_enc))
+    return tcs

@@ -1,0 +1,175 @@
+"""`acg clean`: keep only what trusted data uses; the method never sees a trigger or payload."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from acgraph.cli import main
+from acgraph.errors import ConfigError
+from acgraph.graph import ACGModel, ModelWeights
+from acgraph.safety import clean as clean_module
+from acgraph.safety.clean import (
+    CleanConfig,
+    clean,
+    feature_usage,
+    finetune_transcoders,
+    input_subspaces,
+    load_cleaned_transcoders,
+    save_cleaned,
+)
+from acgraph.safety.compile import compile_acg, hf_logits
+
+torch.set_num_threads(1)
+UNTRUSTED = ("trigger", "payload", "poison", "backdoor", "attack")
+
+
+@pytest.fixture(scope="module")
+def organism():
+    from acgraph.data import tokenize_to_contexts
+    from acgraph.graph import load_transcoders
+    from acgraph.models import load_model
+    from acgraph.organism import generate_texts
+
+    model = load_model("organism")
+    texts = generate_texts(200, seed=11, split="trusted")
+    trusted = list(tokenize_to_contexts(texts, model.tokenizer, 64, max_contexts=32).split(16))
+    return model, load_transcoders("organism"), trusted
+
+
+def test_the_method_has_no_way_to_receive_a_trigger_or_payload():
+    """Every public function of the clean module takes model, dictionaries, trusted tokens and
+    thresholds: no parameter (nor config field) through which backdoor knowledge could enter."""
+    for name, fn in inspect.getmembers(clean_module, inspect.isfunction):
+        if fn.__module__ != clean_module.__name__:
+            continue
+        for param in inspect.signature(fn).parameters:
+            assert not any(w in param.lower() for w in UNTRUSTED), (name, param)
+    fields = CleanConfig.__dataclass_fields__
+    assert not any(w in f for f in fields for w in UNTRUSTED)
+    assert list(inspect.signature(clean).parameters) == [
+        "model",
+        "transcoders",
+        "trusted",
+        "config",
+    ]
+    # the code never reads the organism's backdoor config either
+    src = inspect.getsource(clean_module)
+    assert "BackdoorConfig" not in src and ".backdoor" not in src
+
+
+def test_cli_refuses_an_untrusted_corpus(capsys):
+    code = main(
+        [
+            "clean",
+            "--model",
+            "organism",
+            "--transcoders",
+            "organism",
+            "--corpus",
+            "organism:poisoned",
+            "--out",
+            "/nonexistent",
+        ]
+    )
+    assert code == 2
+    assert "trusted corpus only" in capsys.readouterr().err
+
+
+def test_feature_usage_counts_firing_positions(organism):
+    model, tcs, trusted = organism
+    acg = ACGModel(ModelWeights(model, tcs, 1))
+    usage = feature_usage(acg, trusted[:1])
+    trace = acg.run(trusted[0])
+    mask = torch.ones_like(trace.tokens, dtype=torch.bool)
+    mask[:, 0] = False
+    mask &= trace.tokens != 0
+    acts = trace.acts[2][mask]
+    assert usage[2].positions == int(mask.sum())
+    assert torch.allclose(usage[2].frequency, (acts > 0).float().mean(0))
+    assert torch.allclose(usage[2].max_act, acts.max(0).values)
+
+
+def test_clean_keeps_used_features_caps_and_compiles_exactly(organism):
+    model, tcs, trusted = organism
+    cfg = CleanConfig(min_frequency=1e-3, ceiling=1.0, drop_energy=1e-4)
+    result = clean(model, tcs, trusted, cfg)
+    for layer, keep in result.keep.items():
+        u = result.usage[layer]
+        assert torch.equal(keep, u.frequency >= 1e-3)
+        assert result.transcoders[layer].d_sae == int(keep.sum()) < tcs[layer].d_sae
+        assert result.transcoders[layer].cfg.activation == "jumprelu"
+    assert 0 < int(result.info["input_rank"]["0"]) <= 128
+    # on trusted data every activation stays under its cap
+    trace = result.acg.run(trusted[0])
+    for layer, acts in enumerate(trace.acts):
+        ceiling = result.transcoders[layer].activation.ceiling
+        assert bool((acts <= ceiling + 1e-6).all())
+    # the cleaned graph compiles to a network that computes it
+    compiled = compile_acg(result.acg, calibration=trusted[:1], ramp=1e-5)
+    held = trusted[1][:4]
+    p = result.acg(held).log_softmax(-1)
+    q = hf_logits(compiled.model)(held).log_softmax(-1)
+    assert float((p.exp() * (p - q)).sum(-1).mean()) < 1e-4
+
+
+def test_input_subspace_projects_out_unused_directions(organism):
+    model, tcs, trusted = organism
+    acg = ACGModel(ModelWeights(model, tcs, 1))
+    P = input_subspaces(acg, trusted[:1], 1e-3)
+    for proj in P.values():
+        assert torch.allclose(proj @ proj, proj, atol=1e-4)  # a projector
+        assert 0 < float(proj.trace()) < 128
+
+
+def test_save_and_load_cleaned_roundtrip(organism, tmp_path):
+    model, tcs, trusted = organism
+    result = clean(model, tcs, trusted[:1], CleanConfig(min_frequency=1e-3))
+    save_cleaned(result, tmp_path / "clean", {"note": "test"})
+    loaded = load_cleaned_transcoders(str(tmp_path / "clean"))
+    acg = ACGModel(ModelWeights(model, loaded, 1))
+    toks = trusted[1][:2]
+    assert torch.allclose(acg(toks), result.acg(toks), atol=1e-5)
+
+
+def test_bad_thresholds_are_refused(organism):
+    model, tcs, trusted = organism
+    with pytest.raises(ConfigError):
+        clean(model, tcs, trusted, CleanConfig(min_frequency=1.5))
+    with pytest.raises(ConfigError):
+        clean(model, tcs, trusted, CleanConfig(ceiling=0))
+    with pytest.raises(ConfigError):
+        clean(model, tcs, [], CleanConfig())
+
+
+def test_finetuning_on_trusted_data_lowers_the_kl(organism):
+    from acgraph.graph import load_transcoders
+
+    model, _, trusted = organism
+    tcs = load_transcoders("organism")  # a private copy: fine-tuning changes it
+    losses = finetune_transcoders(model, tcs, trusted, steps=6, lr=3e-4, progress=False)
+    assert len(losses) == 6
+    assert sum(losses[-2:]) < sum(losses[:2])
+    assert not any(p.requires_grad for tc in tcs.values() for p in tc.parameters())
+
+
+def test_distill_keeps_the_budget_of_most_attributed_features(organism):
+    from acgraph.safety.distill import distill, feature_attribution, select_features
+
+    model, tcs, trusted = organism
+    scores = feature_attribution(model, tcs, trusted[:1])
+    assert all(s.shape == (tc.d_sae,) and bool((s >= 0).all()) for s, tc in
+               zip(scores.values(), tcs.values(), strict=True))  # fmt: skip
+    keep = select_features(scores, 0.25)
+    for layer, mask in keep.items():
+        assert int(mask.sum()) == round(0.25 * tcs[layer].d_sae)
+        assert float(scores[layer][mask].min()) >= float(scores[layer][~mask].max())
+    full, _, _ = distill(model, tcs, trusted[:1], 1.0)
+    toks = trusted[1][:2]
+    assert torch.allclose(full(toks), ACGModel(ModelWeights(model, tcs, 1))(toks), atol=1e-5)
+    small, kept, _ = distill(model, tcs, trusted[:1], 0.1)
+    assert [t.d_sae for t in kept.values()] == [round(0.1 * t.d_sae) for t in tcs.values()]
+    with pytest.raises(ConfigError):
+        select_features(scores, 0.0)

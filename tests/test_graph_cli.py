@@ -1,0 +1,92 @@
+"""`acg build`, `acg faithfulness`, `acg explain-feature` end to end, and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from acgraph.cli import main
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("acg") / "graph"
+    argv = [
+        "build", "--model", "organism", "--transcoders", "organism", "--corpus",
+        "organism:poisoned", "--contexts", "4", "--max-k", "8", "--max-pairs", "256",
+        "--batch-size", "4", "--fit-k", "8", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_build_writes_a_versioned_manifest(built):
+    meta = json.loads((built / "manifest.json").read_text())
+    assert meta["format_version"] == 1
+    assert meta["model"] == "organism" and meta["transcoders"] == "organism"
+    assert meta["max_k"] == 8 and meta["max_pairs"] == 256 and meta["fit_ks"] == [8]
+    assert meta["layout"]["n_layers"] == 3 and meta["stats_contexts"] == 4
+    assert meta["sizes"]["edges_bytes"] == (built / "edges.safetensors").stat().st_size
+
+
+def test_faithfulness_cli_writes_json_and_png(built, tmp_path, capsys):
+    argv = [
+        "faithfulness", str(built), "--contexts", "2", "--k", "1,8", "--per-domain", "4",
+        "--report", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "level" in out and "CE rec." in out
+    report = json.loads((tmp_path / "faithfulness.json").read_text())
+    assert [(r["level"], r["k"]) for r in report["rows"]] == [
+        ("1", "all"), ("2", 1), ("2", 8), ("2", 8), ("3", 1), ("3", 8), ("3", 8), ("3", "all"),
+    ]  # fmt: skip
+    assert set(report["organism_original"]["domains"]) == {
+        "arithmetic", "brackets", "lookup", "agreement",
+    }  # fmt: skip
+    assert (tmp_path / "faithfulness.png").stat().st_size > 0
+
+
+def test_explain_feature_cli(built, capsys):
+    assert main(["explain-feature", str(built), "L1/3", "--k", "4", "--contexts", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("L1/3 = (") and "R² of the top-k formula" in out
+    assert main(["explain-feature", str(built), "L0/7", "--json", "--contexts", "0"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["feature"] == "L0/7" and len(info["terms"]) == 8
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["explain-feature", "{acg}", "L7/1"], "not in the graph"),
+        (["explain-feature", "{acg}", "seven"], "LAYER/ID".lower()),
+        (["faithfulness", "{tmp}/missing"], "no ACG"),
+        (["faithfulness", "{acg}", "--k", "a,b"], "comma-separated"),
+        (
+            [
+                "build",
+                "--model",
+                "organism",
+                "--corpus",
+                "organism",
+                "--transcoders",
+                "{tmp}/none",
+                "--out",
+                "{tmp}/x",
+            ],
+            "no transcoder folder",
+        ),  # fmt: skip
+        (
+            ["build", "--model", "organism", "--transcoders", "organism", "--out", "{tmp}/x"],
+            "no corpus",
+        ),  # fmt: skip
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(built, tmp_path, capsys, argv, message):
+    argv = [a.format(acg=built, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("acg: error:")
+    assert message in err[-1].lower() or message in err[-1]
