@@ -73,8 +73,9 @@ def test_organism_lookup_story(lookup):
     assert graph.targets[0].label.strip() == "9"  # the model answers the lookup
     labels, cols, parts = head_split(ctx, target)
     heads = [i for i, name in enumerate(labels) if name != "residual"]
-    # the head moving most positive evidence into the answer logit ...
-    best = max(heads, key=lambda i: float(parts[i].sum()))
+    # the head carrying the value token's evidence into the answer logit ...
+    value_col = [int(c) for c in cols].index(graph.token_start + VALUE_POS)
+    best = max(heads, key=lambda i: float(parts[i, value_col]))
     layer, head = (int(x[1:]) for x in labels[best].split("."))
     # ... attends from the query position to the value token ...
     assert float(ctx.cap.patterns[layer, head, graph.n_pos - 1, VALUE_POS]) > 0.5
