@@ -131,7 +131,7 @@ def check_against_model(ts: TranscoderSet, model) -> None:
 
 def load_transcoders(source, model=None) -> TranscoderSet:
     """A :class:`TranscoderSet` from a list of dictionaries, a folder, or ``"organism"``."""
-    from acgraph.dictionaries.formats import load_circuit_tracer, load_dictionary
+    from acgraph.dictionaries.formats import load_transcoder_folder
 
     if isinstance(source, TranscoderSet):
         if model is not None:
@@ -139,28 +139,9 @@ def load_transcoders(source, model=None) -> TranscoderSet:
         return source
     if isinstance(source, (list, tuple)):
         return make_set(source, model)
-    if str(source) == "organism":
-        from acgraph.organism import shipped_transcoders_dir
-
-        source = shipped_transcoders_dir()
-    folder = Path(source)
-    if not folder.is_dir():
-        raise ArtifactError(f"not a transcoder folder: {folder}")
-    if (folder / "config.yaml").is_file():
-        dicts = load_circuit_tracer(folder)
-    else:
-        subs = sorted(p for p in folder.iterdir() if (p / "cfg.json").is_file())
-        if not subs:
-            raise ArtifactError(
-                f"{folder} holds neither a circuit-tracer set (config.yaml) nor SAELens-layout "
-                "folders (*/cfg.json)"
-            )
-        dicts = [load_dictionary(p) for p in subs]
-        dicts = [d for d in dicts if d.cfg.kind != "sae"]
-    for d in dicts:
-        d.eval()
-        d.requires_grad_(False)
-    return make_set(dicts, model, name=folder.name)
+    dicts = load_transcoder_folder(source)
+    name = "organism" if str(source) == "organism" else Path(source).name
+    return make_set(dicts, model, name=name)
 
 
 def to_device(ts: TranscoderSet, device: torch.device | str) -> TranscoderSet:

@@ -612,3 +612,30 @@ def load_circuit_tracer(folder: str | Path, *, device: str | torch.device = "cpu
         _assign_weights(d, mapped, str(local))
         result.append(d.to(device).eval())
     return result
+
+
+def load_transcoder_folder(source: str | Path) -> list[SparseDictionary]:
+    """Every transcoder in a folder, in eval mode: a circuit-tracer set (``config.yaml``) or
+    SAELens-layout subfolders (``*/cfg.json``; SAEs skipped); ``"organism"`` for the ones
+    shipped with the organism."""
+    if str(source) == "organism":
+        from acgraph.organism import shipped_transcoders_dir
+
+        source = shipped_transcoders_dir()
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        raise ArtifactError(f"no transcoder folder at {folder}")
+    if (folder / "config.yaml").is_file():
+        dicts = load_circuit_tracer(folder)
+    else:
+        subs = sorted(p for p in folder.iterdir() if (p / "cfg.json").is_file())
+        if not subs:
+            raise ArtifactError(
+                f"{folder} holds neither a circuit-tracer set (config.yaml) nor SAELens-layout "
+                "folders (*/cfg.json)"
+            )
+        dicts = [d for d in (load_dictionary(p) for p in subs) if d.cfg.kind != "sae"]
+    for d in dicts:
+        d.eval()
+        d.requires_grad_(False)
+    return dicts

@@ -33,35 +33,22 @@ from .stats import EdgeStats, collect_stats
 from .weights import ModelWeights
 
 FORMAT_VERSION = 1
-ORGANISM_TRANSCODERS = "organism"
 
 
 def load_transcoders(spec: str) -> dict[int, Any]:
-    """Transcoders by layer from a folder of SAELens-layout dictionaries (one per MLP), or
-    ``organism`` for the ones shipped with the organism."""
-    from acgraph.dictionaries.formats import load_dictionary
+    """MLP transcoders by layer from anything
+    :func:`acgraph.dictionaries.formats.load_transcoder_folder` reads (``organism`` included)."""
+    from acgraph.dictionaries.formats import load_transcoder_folder
 
-    if spec == ORGANISM_TRANSCODERS:
-        from acgraph.organism import shipped_transcoders_dir
-
-        root = shipped_transcoders_dir()
-    else:
-        root = Path(spec).expanduser()
-    if not root.is_dir():
-        raise ArtifactError(f"no transcoder folder at {root}")
     found: dict[int, Any] = {}
-    for sub in sorted(p for p in root.iterdir() if (p / "cfg.json").is_file()):
-        d = load_dictionary(sub)
-        d.eval()
+    for d in load_transcoder_folder(spec):
         parts = d.cfg.hook_out.split(".")
         if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
-            raise ArtifactError(f"{sub}: output hook {d.cfg.hook_out} is not a block's MLP output")
+            raise ArtifactError(f"{spec}: output hook {d.cfg.hook_out} is not a block's MLP output")
         layer = int(parts[1])
         if layer in found:
-            raise ArtifactError(f"{root} holds two dictionaries for layer {layer}")
+            raise ArtifactError(f"{spec} holds two dictionaries for layer {layer}")
         found[layer] = d
-    if not found:
-        raise ArtifactError(f"no dictionaries (cfg.json + sae_weights.safetensors) under {root}")
     return found
 
 
