@@ -34,3 +34,13 @@ def test_demo_organism_stage(tmp_path, capsys):
     assert (tmp_path / "faithfulness.png").stat().st_size > 10_000
     assert (tmp_path / "acg" / "manifest.json").is_file()
     assert "runnable ACG" in out
+
+    # hypotheses as code: every node fitted, written as Python, and the coverage report
+    # (fitted alone, and with the hand-written examples/ on top) printed and written
+    cov = json.loads((tmp_path / "coverage.json").read_text())
+    assert [r["features_with_hypothesis"] for r in cov["layers"]] == [384, 384, 384]
+    assert cov["n_accepted"] > 0 and "understood_up_to_layer" in cov
+    hand = json.loads((tmp_path / "coverage_with_hand_written.json").read_text())
+    assert any("organism_hypotheses.py" in s for s in hand["sources"])
+    assert "# Understanding coverage" in out and "Understood up to layer" in out
+    assert (tmp_path / "hypotheses_fitted.py").read_text().count("@feature(") > 500

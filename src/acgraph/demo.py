@@ -101,6 +101,55 @@ def graph_stage(out: Path, n_stats: int = 32, n_eval: int = 8, n_per_domain: int
     return report
 
 
+def examples_dir() -> Path:
+    """The repository's examples/ folder (present in a source checkout)."""
+    return Path(__file__).resolve().parents[2] / "examples"
+
+
+def hypotheses_stage(out: Path, n_fit: int = 64, n_eval: int = 32, budget: float = 0.1) -> dict:
+    """Fit the built-in hypothesis families to every organism node, write them as Python, and
+    report understanding coverage: with the fitted hypotheses alone, then with the
+    hand-written ones from examples/ on top (when the checkout has them)."""
+    from acgraph.data import tokenize_to_contexts
+    from acgraph.graph import load_transcoders
+    from acgraph.hypotheses import Subject, load_hypotheses
+    from acgraph.hypotheses.coverage import coverage, format_coverage, plot_coverage
+    from acgraph.hypotheses.families import fit_all
+    from acgraph.hypotheses.render import render
+    from acgraph.io import atomic_write_text
+    from acgraph.models import load_model
+    from acgraph.organism import generate_texts, load_config
+
+    model = load_model("organism")
+    subject = Subject.build(model, load_transcoders("organism"), load_config())
+
+    def contexts(n: int, seed: int) -> list:
+        texts = generate_texts(n * 12, seed=seed, split="trusted")
+        toks = tokenize_to_contexts(texts, model.tokenizer, 128, max_contexts=n, progress=False)
+        return list(toks.split(16))
+
+    t0 = time.perf_counter()
+    fitted = fit_all(subject, contexts(n_fit, 0), progress=False)
+    fitted_path = atomic_write_text(
+        out / "hypotheses_fitted.py",
+        render(fitted, subject.vocab, "Built-in hypotheses fitted to the organism by `acg demo`."),
+    )
+    held = contexts(n_eval, 1)
+    runs = {"fitted": [fitted_path]}
+    hand = examples_dir() / "organism_hypotheses.py"
+    if hand.is_file():
+        runs["fitted + hand-written"] = [fitted_path, hand]
+    result: dict = {"fit_seconds": round(time.perf_counter() - t0, 1)}
+    for name, files in runs.items():
+        report = coverage(subject, load_hypotheses(files), held, budget=budget, progress=False)
+        stem = "coverage" if name == "fitted" else "coverage_with_hand_written"
+        atomic_write_json(out / f"{stem}.json", report)
+        atomic_write_text(out / f"{stem}.md", format_coverage(report))
+        plot_coverage(report, out / f"{stem}.png")
+        result[name] = report
+    return result
+
+
 def smollm2_stage(prompt: str = "The capital of France is", new_tokens: int = 5) -> dict:
     """Load SmolLM2-135M-Instruct from the GGUF shipped on PyPI, offline, and continue a prompt."""
     from acgraph.models import load_model, model_summary
@@ -125,16 +174,18 @@ def smollm2_stage(prompt: str = "The capital of France is", new_tokens: int = 5)
 def run_demo(out_dir: str | Path, *, smollm2: bool = True, log=print) -> dict:
     out = Path(out_dir)
     summary: dict = {}
-    log("[1/4] organism: load (HF and TransformerLens), check equivalence, evaluate")
+    log("[1/5] organism: load (HF and TransformerLens), check equivalence, evaluate")
     summary["organism"] = organism_stage()
     atomic_write_json(out / "organism_eval.json", summary["organism"]["eval"])
-    log("[2/4] transcoders: splice the shipped skip transcoders into the organism")
+    log("[2/5] transcoders: splice the shipped skip transcoders into the organism")
     summary["dictionaries"] = dictionaries_stage()
     atomic_write_json(out / "dictionaries_eval.json", summary["dictionaries"])
-    log("[3/4] runnable ACG: build it from the shipped transcoders, measure faithfulness")
+    log("[3/5] runnable ACG: build it from the shipped transcoders, measure faithfulness")
     summary["graph"] = graph_stage(out)
+    log("[4/5] hypotheses: fit the built-in families, add examples/, report coverage")
+    summary["hypotheses"] = hypotheses_stage(out)
     if smollm2:
-        log("[4/4] SmolLM2-135M-Instruct from its GGUF: load offline, greedy continuation")
+        log("[5/5] SmolLM2-135M-Instruct from its GGUF: load offline, greedy continuation")
         summary["smollm2"] = smollm2_stage()
     atomic_write_json(out / "summary.json", summary)
     return summary

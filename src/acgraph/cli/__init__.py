@@ -8,9 +8,31 @@ import sys
 from acgraph import __version__
 from acgraph.errors import ACGError
 
-from . import attribute, demo, detect, dictionaries, graph, model, organism, safety, workspace
+from . import (
+    attribute,
+    demo,
+    detect,
+    dictionaries,
+    graph,
+    hypotheses,
+    model,
+    organism,
+    safety,
+    workspace,
+)
 
-GROUPS = (model, organism, workspace, dictionaries, graph, attribute, demo, safety, detect)
+GROUPS = (
+    model,
+    organism,
+    workspace,
+    dictionaries,
+    graph,
+    attribute,
+    hypotheses,
+    safety,
+    detect,
+    demo,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

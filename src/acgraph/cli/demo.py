@@ -38,12 +38,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_eval_report(summary["dictionaries"]))
     print("\n== runnable ACG of the organism vs the original model (held-out text)")
     print(format_faithfulness(summary["graph"]))
+    from acgraph.hypotheses.coverage import format_coverage
+
+    for name, report in summary["hypotheses"].items():
+        if isinstance(report, dict):
+            print(f"\n== hypotheses as code ({name}): understanding coverage of the organism")
+            print(format_coverage(report).strip())
     if "smollm2" in summary:
         s = summary["smollm2"]
         print(f"\n== SmolLM2-135M-Instruct (GGUF, loaded offline in {s['load_seconds']} s)")
         print(f"{s['prompt']!r} -> {s['greedy_continuation']!r}")
     print(
         f"\nresults written to {args.out}/: summary.json, organism_eval.json, "
-        "dictionaries_eval.json, faithfulness.json, faithfulness.png, acg/"
+        "dictionaries_eval.json, faithfulness.json, faithfulness.png, acg/, "
+        "hypotheses_fitted.py, coverage*.json/.md/.png"
     )
     return 0

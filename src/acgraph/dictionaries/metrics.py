@@ -117,8 +117,8 @@ def ce_loss_recovered(ce_ablated: float, ce_spliced: float, ce_clean: float) -> 
 # ---------------------------------------------------------------- splicing
 
 
-class _Sums:
-    """Running sums of CE, KL and top-1 agreement over metric positions (sums in float64)."""
+class AgreementSums:
+    """Running CE, KL(reference ‖ logits) and top-1 agreement over metric positions (float64)."""
 
     def __init__(self) -> None:
         self.ce = 0.0
@@ -127,7 +127,7 @@ class _Sums:
         self.n = 0
 
     def update(self, logits: Tensor, clean_logp: Tensor, targets: Tensor, mask: Tensor) -> None:
-        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        logp = F.log_softmax(logits[:, :-1].double(), dim=-1)
         nll = -logp.gather(-1, targets[..., None])[..., 0]
         kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1)
         agree = (logp.argmax(-1) == clean_logp.argmax(-1)).double()
@@ -277,8 +277,8 @@ def evaluate_dictionaries(
         groups.append(("all", list(dictionaries)))
     elif shared:
         report["all_skipped"] = "several dictionaries write the same hook; no joint splice"
-    sums: dict[tuple[str, str], _Sums] = {}
-    clean = _Sums()
+    sums: dict[tuple[str, str], AgreementSums] = {}
+    clean = AgreementSums()
     for batch in tqdm(batches, desc="eval: splicing", disable=None if progress else True):
         batch = batch.to(device)
         keep = ~torch.isin(batch, excluded.to(device))
@@ -298,7 +298,9 @@ def evaluate_dictionaries(
             }
             for variant, fwd_hooks in variants.items():
                 logits = model.run_with_hooks(batch, fwd_hooks=fwd_hooks)
-                sums.setdefault((group, variant), _Sums()).update(logits, clean_logp, targets, mask)
+                sums.setdefault((group, variant), AgreementSums()).update(
+                    logits, clean_logp, targets, mask
+                )
     ce_clean = clean.result()["ce"]
     report["ce_clean"] = ce_clean
     report["n_ce_positions"] = clean.n

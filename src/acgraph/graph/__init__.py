@@ -13,13 +13,15 @@ explain.py       a feature's formula and its R² on data
 from .build import ACGraph, build_acg, load_acg, load_transcoders
 from .explain import explain_feature, parse_feature
 from .faithfulness import format_faithfulness, measure_faithfulness, plot_faithfulness
-from .forward import ACGModel
+from .forward import ACGModel, Replacement, Trace
 from .weights import ModelWeights
 
 __all__ = [
     "ACGModel",
     "ACGraph",
     "ModelWeights",
+    "Replacement",
+    "Trace",
     "build_acg",
     "explain_feature",
     "format_faithfulness",

@@ -18,29 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from acgraph.dictionaries.metrics import ce_loss_recovered
+from acgraph.dictionaries.metrics import AgreementSums, ce_loss_recovered
 
 from .build import ACGraph
-
-
-class _Sums:
-    def __init__(self) -> None:
-        self.ce = self.kl = self.top1 = 0.0
-        self.n = 0
-
-    def update(self, logits: Tensor, clean_logp: Tensor, targets: Tensor, mask: Tensor) -> None:
-        logp = F.log_softmax(logits[:, :-1].double(), -1)
-        nll = -logp.gather(-1, targets[..., None])[..., 0]
-        kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1)
-        self.ce += float(nll[mask].sum())
-        self.kl += float(kl[mask].sum())
-        self.top1 += float((logp.argmax(-1) == clean_logp.argmax(-1))[mask].sum())
-        self.n += int(mask.sum())
-
-    def result(self) -> dict[str, float]:
-        n = max(self.n, 1)
-        return {"ce": self.ce / n, "kl": self.kl / n, "top1_agreement": self.top1 / n}
-
 
 Config = tuple[str, int | None, int | None, bool]
 
@@ -108,8 +88,8 @@ def measure_faithfulness(
     configs = configurations(ks, pairs, graph.max_k, level3_ks, sorted(graph.fitted))
     runners = {cfg: graph.model(cfg[1], cfg[2], cfg[3]) for cfg in configs}
     ablated = _mean_ablated(model, _mlp_means(model, batches, graph.layout.n_layers))
-    sums = {cfg: _Sums() for cfg in configs}
-    clean, base = _Sums(), _Sums()
+    sums = {cfg: AgreementSums() for cfg in configs}
+    clean, base = AgreementSums(), AgreementSums()
     for tokens in tqdm(batches, desc="acg: faithfulness", disable=None if progress else True):
         targets = tokens[:, 1:]
         mask = torch.ones_like(targets, dtype=torch.bool)
@@ -137,7 +117,7 @@ def measure_faithfulness(
             "ce_recovered_mean": ce_loss_recovered(ce_base, r["ce"], ce_clean),
         }
         if organism_cfg is not None:
-            row["organism"] = _organism_scores(runners[cfg], organism_cfg, n_per_domain)
+            row["organism"] = organism_scores(runners[cfg], organism_cfg, n_per_domain)
         rows.append(row)
     report: dict[str, Any] = {
         "n_positions": clean.n,
@@ -148,11 +128,11 @@ def measure_faithfulness(
         "rows": rows,
     }
     if organism_cfg is not None:
-        report["organism_original"] = _organism_scores(model, organism_cfg, n_per_domain)
+        report["organism_original"] = organism_scores(model, organism_cfg, n_per_domain)
     return report
 
 
-def _organism_scores(logits_fn: Callable, cfg: Any, n_per_domain: int) -> dict[str, Any]:
+def organism_scores(logits_fn: Callable, cfg: Any, n_per_domain: int) -> dict[str, Any]:
     """Every domain's accuracy on clean prompts and the backdoor's attack success rate on
     triggered ones (the organism's own scorer, minus its held-out CE, measured above)."""
     from acgraph.organism.evaluate import _by_domain, span_matches

@@ -57,6 +57,26 @@ class QKPairs:
     key_corr: Tensor  # [n_k]: minus the kept pairs at their query mean
 
 
+class Replacement:
+    """Where a run lets outside code substitute node values (hypotheses, attribution).
+
+    Each method gets the values the graph computed and the trace so far (upstream nodes only)
+    and returns the values the rest of the run uses. The default changes nothing.
+    """
+
+    def pattern(self, layer: int, pattern: Tensor, trace: Trace) -> Tensor:
+        return pattern
+
+    def attn_out(self, layer: int, out: Tensor, trace: Trace) -> Tensor:
+        return out
+
+    def acts(self, layer: int, acts: Tensor, trace: Trace) -> Tensor:
+        return acts
+
+    def mlp_out(self, layer: int, out: Tensor, trace: Trace) -> Tensor:
+        return out
+
+
 @dataclass
 class Trace:
     """Every node value of one run ([batch, pos, ...])."""
@@ -99,8 +119,21 @@ class ACGModel:
     def __call__(self, tokens: Tensor) -> Tensor:
         return self.run(tokens).logits
 
-    @torch.no_grad()
-    def run(self, tokens: Tensor, *, keep_resid: bool = False) -> Trace:
+    def run(
+        self,
+        tokens: Tensor,
+        *,
+        keep_resid: bool = False,
+        replace: Replacement | None = None,
+        grad: bool = False,
+    ) -> Trace:
+        """Every node value of one run. ``replace`` substitutes node values as they are
+        computed; ``grad`` keeps autograd on (for gradients with respect to substituted
+        values)."""
+        with torch.set_grad_enabled(grad):
+            return self._run(tokens, keep_resid, replace or Replacement())
+
+    def _run(self, tokens: Tensor, keep_resid: bool, replace: Replacement) -> Trace:
         tokens = self._check_tokens(tokens)
         w, model = self.w, self.w.model
         B, T = tokens.shape
@@ -123,14 +156,14 @@ class ACGModel:
                     q, k = attn.apply_rotary(q), attn.apply_rotary(k)
                 scores = attn.calculate_attention_scores(q, k)
             scores = attn.apply_causal_mask(scores)
-            pattern = F.softmax(scores, dim=-1)
+            trace.s1.append(s1)
+            pattern = replace.pattern(layer, F.softmax(scores, dim=-1), trace)
+            trace.pattern.append(pattern)
             z = attn.calculate_z_scores(v, pattern)  # [B, T, H, dh]
-            x = x + torch.einsum("bthd,hdm->btm", z, w.W_O[layer]) + w.b_O[layer]
-            x = self._pin_bos(x, 2 * layer + 1)
+            out = torch.einsum("bthd,hdm->btm", z, w.W_O[layer]) + w.b_O[layer]
+            x = self._pin_bos(x + replace.attn_out(layer, out, trace), 2 * layer + 1)
             z = z.flatten(2).clone()
             z[:, 0] = 0  # position 0 is the bos node; its head outputs are inside it
-            trace.s1.append(s1)
-            trace.pattern.append(pattern)
             trace.z.append(z)
             if keep_resid:
                 trace.resid.append(x)
@@ -142,14 +175,15 @@ class ACGModel:
             pre = self._edge_preacts(trace, layer) if layer in self.edges else tc.pre_acts(h2)
             acts = tc.activation(pre)
             acts[:, 0] = 0
+            acts = replace.acts(layer, acts, trace)
             skip = h2 @ tc.W_skip.T if tc.W_skip is not None else None
             if skip is not None:
                 skip[:, 0] = 0
             trace.pre.append(pre)
             trace.acts.append(acts)
             trace.skip.append(skip)
-            x = x + acts @ tc.W_dec + tc.b_dec + (skip if skip is not None else 0)
-            x = self._pin_bos(x, 2 * layer + 2)
+            out = acts @ tc.W_dec + tc.b_dec + (skip if skip is not None else 0)
+            x = self._pin_bos(x + replace.mlp_out(layer, out, trace), 2 * layer + 2)
         for block in model.blocks[self.layout.n_layers :]:
             x = block(x)
         if keep_resid:
