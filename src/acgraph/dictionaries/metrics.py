@@ -287,7 +287,7 @@ def evaluate_dictionaries(
         if pad_token_id is not None:
             mask = mask & (targets != pad_token_id)
         clean_logits = model(batch)
-        clean_logp = F.log_softmax(clean_logits[:, :-1].float(), dim=-1)
+        clean_logp = F.log_softmax(clean_logits[:, :-1].double(), dim=-1)
         clean.update(clean_logits, clean_logp, targets, mask)
         for group, ds in groups:
             hooks_out = [d.cfg.hook_out for d in ds]
