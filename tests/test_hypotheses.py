@@ -358,3 +358,34 @@ def test_coverage_understood_depends_on_the_budget_and_completeness(subject, fit
     assert partial["blocked_by"] == "layer 1: 0 features and 4 heads have no hypothesis"
     md = format_coverage(partial)
     assert "**Understood up to layer 0**" in md and "| 1 | 384" in md
+
+
+def test_component_hypotheses_replace_whole_outputs(subject, batches):
+    """`@component` targets: the true MLP / attention outputs swapped back in change nothing
+    (real model and ACG), and a zero MLP output equals ablating that MLP."""
+    mlp, attn = Target("mlp", 1), Target("attn", 0)
+    truth = _truth(subject, batches[:1], [mlp, attn], "model")
+    hyps = {t: _oracle(t, truth[t]) for t in (mlp, attn)}
+    local = local_fidelity(subject, hyps, batches[:1], progress=False)
+    assert local[mlp]["fvu"] == pytest.approx(0, abs=1e-9) and local[attn]["mse"] < 1e-12
+    tokens = batches[0]
+    orig = subject.model(tokens)
+    swapped = run_model(subject.model, subject.transcoders, tokens, subject.swapped(hyps)).logits
+    assert torch.allclose(swapped, orig, atol=1e-5)
+
+    # in the ACG: its own layer-1 MLP output, recomputed from its trace, changes nothing
+    trace = run_acg(subject.acg, tokens, None)
+    tc = subject.transcoders[1]
+    own = trace.acts[1] @ tc.W_dec + tc.b_dec + trace.skip[1]
+    h = Hypothesis(mlp, lambda ctx: own, "own_mlp")
+    again = run_acg(subject.acg, tokens, subject.swapped({mlp: h})).logits
+    assert torch.allclose(again, trace.logits, atol=1e-5)
+    zero = Hypothesis(mlp, lambda ctx: torch.zeros_like(own), "no_mlp")
+    ablated = run_model(subject.model, subject.transcoders, tokens, subject.swapped({mlp: zero}))
+
+    def kill(v, hook):
+        return torch.zeros_like(v)
+
+    with torch.no_grad():
+        expect = subject.model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_mlp_out", kill)])
+    assert torch.allclose(ablated.logits, expect, atol=1e-5)
