@@ -44,3 +44,9 @@ def test_demo_organism_stage(tmp_path, capsys):
     assert any("organism_hypotheses.py" in s for s in hand["sources"])
     assert "# Understanding coverage" in out and "Understood up to layer" in out
     assert (tmp_path / "hypotheses_fitted.py").read_text().count("@feature(") > 500
+
+    # anomaly detection: every detector's row, fitted on trusted text only
+    det = json.loads((tmp_path / "detect_report.json").read_text())
+    assert {"acg-edges", "mahalanobis", "novelty"} <= set(det["triggered_vs_clean"])
+    assert det["triggered_vs_clean"]["acg-edges"]["auroc"] > 0.9
+    assert "anomalous computation" in out and "acg-edges" in out

@@ -150,6 +150,25 @@ def hypotheses_stage(out: Path, n_fit: int = 64, n_eval: int = 32, budget: float
     return result
 
 
+def detect_stage(out: Path, n_docs: int = 256, n_per_domain: int = 50) -> dict:
+    """Fit the anomalous-computation detector and its baselines on trusted organism text only,
+    then score triggered, clean and mixed-domain held-out inputs (no attack here: see
+    `acg detect score --attack`)."""
+    from acgraph.graph import load_transcoders
+    from acgraph.models import load_model
+    from acgraph.organism import load_config
+    from acgraph.safety.detect import fit_detectors
+    from acgraph.safety.detect_eval import evaluate_detectors, trusted_batches
+
+    cfg = load_config()
+    model = load_model("organism")
+    batches = trusted_batches(n_docs, seed=0, config=cfg)
+    det = fit_detectors(model, load_transcoders("organism"), batches, progress=False)
+    report = evaluate_detectors(det, cfg, n_per_domain=n_per_domain, progress=False)
+    atomic_write_json(out / "detect_report.json", report)
+    return report
+
+
 def smollm2_stage(prompt: str = "The capital of France is", new_tokens: int = 5) -> dict:
     """Load SmolLM2-135M-Instruct from the GGUF shipped on PyPI, offline, and continue a prompt."""
     from acgraph.models import load_model, model_summary
@@ -174,18 +193,20 @@ def smollm2_stage(prompt: str = "The capital of France is", new_tokens: int = 5)
 def run_demo(out_dir: str | Path, *, smollm2: bool = True, log=print) -> dict:
     out = Path(out_dir)
     summary: dict = {}
-    log("[1/5] organism: load (HF and TransformerLens), check equivalence, evaluate")
+    log("[1/6] organism: load (HF and TransformerLens), check equivalence, evaluate")
     summary["organism"] = organism_stage()
     atomic_write_json(out / "organism_eval.json", summary["organism"]["eval"])
-    log("[2/5] transcoders: splice the shipped skip transcoders into the organism")
+    log("[2/6] transcoders: splice the shipped skip transcoders into the organism")
     summary["dictionaries"] = dictionaries_stage()
     atomic_write_json(out / "dictionaries_eval.json", summary["dictionaries"])
-    log("[3/5] runnable ACG: build it from the shipped transcoders, measure faithfulness")
+    log("[3/6] runnable ACG: build it from the shipped transcoders, measure faithfulness")
     summary["graph"] = graph_stage(out)
-    log("[4/5] hypotheses: fit the built-in families, add examples/, report coverage")
+    log("[4/6] hypotheses: fit the built-in families, add examples/, report coverage")
     summary["hypotheses"] = hypotheses_stage(out)
+    log("[5/6] anomaly detection: fit on trusted text, score triggered and mixed inputs")
+    summary["detect"] = detect_stage(out)
     if smollm2:
-        log("[5/5] SmolLM2-135M-Instruct from its GGUF: load offline, greedy continuation")
+        log("[6/6] SmolLM2-135M-Instruct from its GGUF: load offline, greedy continuation")
         summary["smollm2"] = smollm2_stage()
     atomic_write_json(out / "summary.json", summary)
     return summary

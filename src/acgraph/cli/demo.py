@@ -44,6 +44,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if isinstance(report, dict):
             print(f"\n== hypotheses as code ({name}): understanding coverage of the organism")
             print(format_coverage(report).strip())
+    from acgraph.safety.detect_eval import format_report
+
+    print("\n== anomalous computation: detectors fitted on trusted text only (organism)")
+    print(format_report(summary["detect"]))
     if "smollm2" in summary:
         s = summary["smollm2"]
         print(f"\n== SmolLM2-135M-Instruct (GGUF, loaded offline in {s['load_seconds']} s)")
@@ -51,6 +55,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"\nresults written to {args.out}/: summary.json, organism_eval.json, "
         "dictionaries_eval.json, faithfulness.json, faithfulness.png, acg/, "
-        "hypotheses_fitted.py, coverage*.json/.md/.png"
+        "hypotheses_fitted.py, coverage*.json/.md/.png, detect_report.json"
     )
     return 0

@@ -151,7 +151,7 @@ def coverage(
         "thresholds": {"max_fvu": thresholds.max_fvu, "max_delta_ce": thresholds.max_delta_ce},
         "n_hypotheses": len(hyps),
         "n_accepted": len(ok),
-        "sources": sorted({h.source for h in hyps.values()}),
+        "sources": list(dict.fromkeys(h.source for h in hyps.values())),  # in load order
         "families": _count(hyps, ok),
         "layers": layers,
         "swap_all_accepted": total,
