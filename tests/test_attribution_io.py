@@ -144,6 +144,16 @@ def test_cli_attribute(tmp_path, capsys):
     assert summary["pruned_nodes"] > 0 and (tmp_path / "lk.json").is_file()
     assert (tmp_path / "lk.safetensors").is_file() and (tmp_path / "graph-metadata.json").is_file()
     assert "tok 'a'@10 x tok 'a'@4" in out
+    # the QK story travels in the graph JSON too, with the graph's node ids
+    data = json.loads((tmp_path / "lk.json").read_text())
+    (story,) = data["qk_stories"]
+    assert (story["layer"], story["head"], story["query_pos"], story["key_pos"]) == (2, 0, 11, 5)
+    assert story["score"] == pytest.approx(story["sum_of_terms"], rel=1e-4, abs=1e-4)
+    labels = [(p["query"]["label"], p["key"]["label"]) for p in story["top_pairs"]]
+    assert ("tok 'a'@10", "tok 'a'@4") in labels
+    key_a = next(p["key"] for p in story["top_pairs"] if p["key"]["label"] == "tok 'a'@4")
+    assert key_a["node_id"].startswith("E_") and key_a["node_id"].endswith("_4")  # embedding
+    assert story["query_terms"] and story["key_terms"]
     rc = main(
         [
             "attribute",

@@ -89,6 +89,36 @@ def _node(graph: AttributionGraph, i: int, influence: float, vocab_size: int) ->
     }
 
 
+def qk_story_json(story: Any, graph: AttributionGraph, top: int = 10) -> dict[str, Any]:
+    """One head's QK story as JSON: the score, its exact decomposition's largest query x key
+    node pairs, the largest query-side and key-side totals, and the bias terms. Nodes carry
+    the graph JSON's ``node_id`` and a readable label."""
+    vocab = int(graph.meta.get("vocab_size", 0)) or int(graph.tokens.max()) + 1
+
+    def ref(i: int) -> dict[str, str]:
+        return {"node_id": _node(graph, i, 0.0, vocab)["node_id"], "label": graph.describe(i)}
+
+    def side(nodes: Any, terms: Any) -> list[dict[str, Any]]:
+        order = terms.abs().argsort(descending=True)[:top].tolist()
+        return [{**ref(int(nodes[j])), "value": float(terms[j])} for j in order]
+
+    return {
+        "layer": story.layer,
+        "head": story.head,
+        "query_pos": story.query_pos,
+        "key_pos": story.key_pos,
+        "score": story.score,
+        "pattern": story.pattern,
+        "sum_of_terms": story.total,
+        "top_pairs": [
+            {"query": ref(q), "key": ref(k), "value": v} for q, k, v in story.top_pairs(top)
+        ],
+        "query_terms": side(story.query_nodes, story.query_terms()),
+        "key_terms": side(story.key_nodes, story.key_terms()),
+        "bias_bias": story.bias_bias,
+    }
+
+
 def graph_json(
     graph: AttributionGraph,
     slug: str,

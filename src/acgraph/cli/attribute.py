@@ -143,6 +143,14 @@ def _attribute(args: argparse.Namespace) -> int:
         edge_threshold=args.edge_threshold,
         vocab_size=model.cfg.d_vocab,
     )
+    stories = []
+    if args.qk:
+        from acgraph.attribution.attention import context, qk_story
+        from acgraph.attribution.export import qk_story_json
+
+        ctx = context(model, ts, graph)
+        stories = [qk_story(ctx, layer, head, q, k) for layer, head, q, k in args.qk]
+        data["qk_stories"] = [qk_story_json(s, graph) for s in stories]
     json_path = write_graph_json(out, data)
     st_path = graph.save(out / f"{slug}.safetensors")
     replacement, completeness = graph_scores(graph)
@@ -163,18 +171,13 @@ def _attribute(args: argparse.Namespace) -> int:
         "safetensors_bytes": st_path.stat().st_size,
     }
     print(json.dumps(summary, indent=2))
-    if args.qk:
-        from acgraph.attribution.attention import context, qk_story
-
-        ctx = context(model, ts, graph)
-        for layer, head, q, k in args.qk:
-            s = qk_story(ctx, layer, head, q, k)
-            print(
-                f"QK L{layer}.H{head} {q}->{k}: score {s.score:.4f} = sum of terms "
-                f"{s.total:.4f} (pattern {s.pattern:.3f}); bias x bias {s.bias_bias:.4f}"
-            )
-            for qn, kn, v in s.top_pairs(5):
-                print(f"  {graph.describe(qn):>22} x {graph.describe(kn):<22} {v:+.4f}")
+    for s in stories:
+        print(
+            f"QK L{s.layer}.H{s.head} {s.query_pos}->{s.key_pos}: score {s.score:.4f} = sum of "
+            f"terms {s.total:.4f} (pattern {s.pattern:.3f}); bias x bias {s.bias_bias:.4f}"
+        )
+        for qn, kn, v in s.top_pairs(5):
+            print(f"  {graph.describe(qn):>22} x {graph.describe(kn):<22} {v:+.4f}")
     if args.intervene:
         from acgraph.attribution.interventions import generate, intervene
 
