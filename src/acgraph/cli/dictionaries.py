@@ -60,6 +60,12 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, required=True, help="training tokens")
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per step (4096)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    p.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=1.0,
+        help="gradient-norm clip on the raw MSE scale, as SAELens (1.0; 0 = off)",
+    )
     p.add_argument("--l1", type=float, default=1e-3, help="ReLU L1 coefficient")
     p.add_argument("--l0", type=float, default=1e-3, help="JumpReLU L0 coefficient")
     p.add_argument("--dead-tokens", type=int, default=1_000_000, help="tokens until dead")
@@ -224,6 +230,7 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         b_dec_init=args.b_dec_init,
+        max_grad_norm=args.max_grad_norm or None,
     )
     result = train_dictionaries(
         model, tokens, configs, out, train_cfg, resume=args.resume, shard_dir=args.shards
