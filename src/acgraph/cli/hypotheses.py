@@ -36,22 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.set_defaults(func=cmd_fit)
 
     t = hsub.add_parser("test", help="local fidelity, swap costs and a verdict")
-    t.add_argument("files", nargs="+", metavar="FILE.py", help="hypothesis files")
-    _threshold_args(t)
+    _measure_args(t, report="hypothesis_test.json")
     t.add_argument("--swap-each-max", type=int, default=16, help="swap each alone up to N (16)")
     t.add_argument("--per-domain", type=int, default=50, help="organism examples per domain")
-    t.add_argument("--report", metavar="DIR", help="write hypothesis_test.json here")
-    t.add_argument("--json", action="store_true", help="print the report as JSON")
-    _subject_args(t, contexts=32, seed=1)
     t.set_defaults(func=cmd_test)
 
     c = sub.add_parser("coverage", help="per-layer understanding coverage of hypothesis files")
-    c.add_argument("files", nargs="+", metavar="FILE.py", help="hypothesis files")
-    _threshold_args(c)
+    _measure_args(c, report="coverage.json/.md/.png")
     c.add_argument("--budget", type=float, default=0.1, help="ΔCE budget in nats (0.1)")
-    c.add_argument("--report", metavar="DIR", help="coverage.json/.md/.png here (reports/)")
-    c.add_argument("--json", action="store_true", help="print the report as JSON")
-    _subject_args(c, contexts=32, seed=1)
     c.set_defaults(func=cmd_coverage)
 
 
@@ -66,9 +58,14 @@ def _subject_args(p: argparse.ArgumentParser, contexts: int, seed: int) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="contexts per forward (16)")
 
 
-def _threshold_args(p: argparse.ArgumentParser) -> None:
+def _measure_args(p: argparse.ArgumentParser, report: str) -> None:
+    """Options shared by `test` and `coverage`: files, thresholds, report, held-out data."""
+    p.add_argument("files", nargs="+", metavar="FILE.py", help="hypothesis files")
     p.add_argument("--max-fvu", type=float, default=0.25, help="local acceptance FVU (0.25)")
     p.add_argument("--max-delta-ce", type=float, default=0.05, help="swap ΔCE accepted (0.05)")
+    p.add_argument("--report", metavar="DIR", help=f"write {report} here (default: reports/)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _subject_args(p, contexts=32, seed=1)
 
 
 def _subject(args: argparse.Namespace):

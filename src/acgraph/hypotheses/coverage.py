@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from acgraph.graph.forward import Replacement, Trace
 
 from .core import Hypothesis, Target
-from .evaluate import Subject, Thresholds, local_fidelity, swap_costs
+from .evaluate import Subject, Thresholds, local_fidelity, reference_logits, swap_costs
 
 
 class _Leaves(Replacement):
@@ -93,6 +93,7 @@ def coverage(
     local = local_fidelity(subject, hyps, batches, progress)
     imp_f, imp_h = importance(subject, batches, progress)
     fired = _fired(subject, batches)
+    refs = reference_logits(subject, batches)
     ok = {t for t, r in local.items() if r["fvu"] <= thresholds.max_fvu}
     layers = []
     understood = -1
@@ -109,10 +110,14 @@ def coverage(
         h_ok = [Target("pattern", layer, h) in ok for h in range(n_heads)]
         comps = {k: Target(k, layer) in hyps for k in ("mlp", "attn")}
         accepted = {t: h for t, h in hyps.items() if t.layer == layer and t in ok}
-        alone = swap_costs(subject, accepted, batches, progress=False) if accepted else None
+        alone = (
+            swap_costs(subject, accepted, batches, refs=refs, progress=False) if accepted else None
+        )
         upto = {t: h for t, h in hyps.items() if t.layer <= layer}
         complete = (bool(f_has.all()) or comps["mlp"]) and (all(h_has) or comps["attn"])
-        cumulative = swap_costs(subject, upto, batches, engines=("model",), progress=False)
+        cumulative = swap_costs(
+            subject, upto, batches, engines=("model",), refs=refs, progress=False
+        )
         d_upto = cumulative["model_vs_original"]["delta_ce"]
         imp = imp_f[layer]
         row = {
@@ -143,7 +148,9 @@ def coverage(
             else:
                 understood = layer
     everything = {t: h for t, h in hyps.items() if t in ok}
-    total = swap_costs(subject, everything, batches, progress=progress) if everything else None
+    total = None
+    if everything:
+        total = swap_costs(subject, everything, batches, refs=refs, progress=progress)
     return {
         "understood_up_to_layer": understood,
         "blocked_by": blocked,

@@ -83,6 +83,13 @@ def local_fidelity(
 
 
 @torch.no_grad()
+def reference_logits(subject: Subject, batches: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """(original model, unswapped ACG) logits per batch: what every swap is compared with,
+    computed once when one command measures many swaps on the same batches."""
+    return [(subject.model(t), subject.acg(t)) for t in batches]
+
+
+@torch.no_grad()
 def swap_costs(
     subject: Subject,
     hyps: dict[Target, Hypothesis],
@@ -90,20 +97,24 @@ def swap_costs(
     *,
     engines: tuple[str, ...] = ("acg", "model"),
     n_per_domain: int = 0,
+    refs: list[tuple[Tensor, Tensor]] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """ΔCE, KL and top-1 agreement of the swapped ACG / model against their references."""
+    """ΔCE, KL and top-1 agreement of the swapped ACG / model against their references
+    (``refs``: from :func:`reference_logits`, else computed here)."""
     sw = subject.swapped(hyps)
     sums = {name: AgreementSums() for name in ("acg", "acg_vs_acg", "acg_vs_original", "model")}
     clean = AgreementSums()
-    for tokens in tqdm(batches, desc="hypotheses: swap", disable=None if progress else True):
+    for i, tokens in enumerate(
+        tqdm(batches, desc="hypotheses: swap", disable=None if progress else True)
+    ):
         targets = tokens[:, 1:]
         mask = subject.mask(tokens)[:, 1:]
-        orig = subject.model(tokens)
+        orig, base = refs[i] if refs is not None else (subject.model(tokens), None)
         orig_logp = F.log_softmax(orig[:, :-1].double(), -1)
         clean.update(orig, orig_logp, targets, mask)
         if "acg" in engines:
-            base = subject.acg(tokens)
+            base = subject.acg(tokens) if base is None else base
             base_logp = F.log_softmax(base[:, :-1].double(), -1)
             sums["acg"].update(base, orig_logp, targets, mask)
             swapped = run_acg(subject.acg, tokens, sw).logits
@@ -169,11 +180,14 @@ def evaluate_hypotheses(
     ``swap_each_max``); all swapped at once (with the organism's domains); verdicts."""
     thresholds = thresholds or Thresholds()
     local = local_fidelity(subject, hyps, batches, progress)
+    refs = reference_logits(subject, batches)
     rows = []
     for t, h in hyps.items():
         single = None
         if len(hyps) <= swap_each_max:
-            single = swap_costs(subject, {t: h}, batches, engines=("acg",), progress=False)
+            single = swap_costs(
+                subject, {t: h}, batches, engines=("acg",), refs=refs, progress=False
+            )
         row: dict[str, Any] = {
             "target": str(t),
             "kind": t.kind,
@@ -188,7 +202,9 @@ def evaluate_hypotheses(
             row["swap"] = {k: single[k] for k in ("acg_vs_acg", "acg_vs_original")}
         row["verdict"] = verdict(local[t], single, thresholds)
         rows.append(row)
-    together = swap_costs(subject, hyps, batches, n_per_domain=n_per_domain, progress=progress)
+    together = swap_costs(
+        subject, hyps, batches, n_per_domain=n_per_domain, refs=refs, progress=progress
+    )
     accepted = all(r["verdict"]["accepted"] for r in rows)
     d = together["acg_vs_acg"]["delta_ce"]
     if d > thresholds.max_delta_ce:

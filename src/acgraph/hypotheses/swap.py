@@ -61,9 +61,7 @@ class Swapped:
         B, T = view.tokens.shape
         ctx = Context(view, self.vocab, h.target, self.d_model)
         kind = h.target.kind
-        shape = (B, T) if kind == "feature" else (B, T, T) if kind == "pattern" else (B, T, -1)
-        if kind in ("mlp", "attn"):
-            shape = (B, T, self.d_model)
+        shape = {"feature": (B, T), "pattern": (B, T, T)}.get(kind, (B, T, self.d_model))
         try:
             raw = h(ctx)
         except ConfigError:
