@@ -436,3 +436,33 @@ if __name__ == "__main__":
 
         training_module._train_step = slow_step
     resume_run(out_dir, resume="--resume" in sys.argv)
+
+
+def test_bf16_model_autocast_stream(model, tmp_path):
+    """--model-autocast bfloat16: the forward runs in bf16 matmuls (activations close to fp32
+    but not equal), rows stay fp32, and shards made one way refuse the other."""
+    hooks = ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"]
+    kw = dict(batch_size=64, buffer_tokens=256, exclude_token_ids=[BOS, PAD], seed=3)
+    fp32 = ActivationStream(model, tiny_tokens(16), hooks, **kw).raw_block(0)
+    bf16 = ActivationStream(model, tiny_tokens(16), hooks, autocast=torch.bfloat16, **kw)
+    half = bf16.raw_block(0)
+    for hook in hooks:
+        assert half[hook].dtype == torch.float32
+        err = (half[hook] - fp32[hook]).pow(2).sum() / fp32[hook].pow(2).sum()
+        assert 0 < float(err) < 1e-3
+    ActivationStream(model, tiny_tokens(16), hooks, shard_dir=tmp_path, **kw)
+    with pytest.raises(ArtifactError, match="autocast"):
+        ActivationStream(
+            model, tiny_tokens(16), hooks, shard_dir=tmp_path, autocast=torch.bfloat16, **kw
+        )
+    with pytest.raises(ConfigError, match="model_autocast"):
+        TrainConfig(total_tokens=1024, batch_size=256, model_autocast="float8")
+    cfg = TrainConfig(
+        total_tokens=8 * 256, batch_size=256, buffer_tokens=2048, lr=5e-3, progress=False,
+        model_autocast="bfloat16",
+    )  # fmt: skip
+    run = train_dictionaries(
+        model, tiny_tokens(64), transcoders(("topk",)), None, cfg,
+        exclude_token_ids=[BOS, PAD], save_final=False,
+    )  # fmt: skip
+    assert run.steps == 8 and torch.isfinite(run.dictionaries[0].W_dec).all()

@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-batch", type=int, default=32, help="contexts per model forward")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="autocast_lm: model forward in bf16")
     p.add_argument("--save-dir", type=Path, default=None, help="keep the trained SAE here")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         device="cpu",
         seed=args.seed,
         dtype="float32",
+        autocast_lm=args.bf16,
         logger=LoggingConfig(log_to_wandb=False),
         n_checkpoints=0,
         checkpoint_path=None,
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "lr_warmup_steps": warmup,
         "lr_decay_steps": decay,
         "buffer_tokens": cfg.n_batches_in_buffer * ctx,
+        "autocast_lm": args.bf16,
         "context_size": ctx,
         "train_seconds": timing["fit_s"],
         "tokens_per_second": timing["samples"] / timing["fit_s"],

@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="fit() under bf16 autocast: sparsify's GPU default (bf16 model and coder forward)",
+    )
     p.add_argument("--save-dir", type=Path, default=None, help="keep the trained coder here")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -190,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer = Trainer(cfg, dataset, model)
     t1 = time.perf_counter()
-    trainer.fit()
+    # On a bf16-capable GPU sparsify loads the model in bf16 and autocasts the coder's forward
+    # to bf16; on the CPU its code enables neither, so --bf16 applies one CPU autocast to both.
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        trainer.fit()
     fit_s = time.perf_counter() - t1
     rss_train = pc.peak_rss_mb()  # before the eval activations are loaded
     dead_train = float(
@@ -201,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "peer": "sparsify",
+        "bf16_autocast": args.bf16,
         "kind": ("skip_transcoder" if args.skip else "transcoder")
         if args.kind == "transcoder"
         else "sae",

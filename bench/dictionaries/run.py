@@ -89,6 +89,7 @@ def train_ours(
     model_batch: int,
     seed: int,
     save_dir: Path | None,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """Train ONE acgraph dictionary on the shared inputs and return the benchmark record.
 
@@ -139,6 +140,7 @@ def train_ours(
         checkpoint_every=0,
         seed=seed,
         progress=True,
+        model_autocast="bfloat16" if bf16 else None,
     )
     t1 = time.perf_counter()
     result = train_dictionaries(
@@ -184,6 +186,7 @@ def train_ours(
         "lr": lr,
         "lr_warmup_steps": warmup_steps,
         "buffer_tokens": buffer_tokens,
+        "model_autocast": tcfg.model_autocast,
         "context_size": int(meta["context_size"]),
         "train_seconds": train_s,
         "tokens_per_second": result.tokens / train_s,
@@ -224,6 +227,7 @@ def _worker(argv: list[str]) -> int:
         p.add_argument(f"--{name}", type=int, required=True)
     p.add_argument("--lr", type=float, required=True)
     p.add_argument("--decay-fraction", type=float, required=True)
+    p.add_argument("--bf16", action="store_true", help="model forward under bf16 autocast")
     p.add_argument("--save-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
@@ -248,6 +252,7 @@ def _worker(argv: list[str]) -> int:
         model_batch=a.model_batch,
         seed=a.seed,
         save_dir=a.save_dir,
+        bf16=a.bf16,
     )
     record["wall_seconds"] = time.perf_counter() - t
     record["environment"]["argv"] = sys.argv
@@ -337,6 +342,7 @@ def commands(
         str(a.seed),
         "--warmup-steps",
         str(a.warmup_steps),
+        *(["--bf16"] if a.bf16 else []),
     ]
     if name == "saelens":
         return [
@@ -430,7 +436,7 @@ def summarize(
     ran: dict[str, int],
 ) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"dictionaries_{model}_layer{layer}{_suffix(a.threads)}.json"
+    path = RESULTS / f"dictionaries_{model}_layer{layer}{_suffix(a)}.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     setting = {
         "model": model,
@@ -446,6 +452,7 @@ def summarize(
         "decay_fraction": a.decay_fraction,
         "buffer_tokens": a.buffer_tokens,
         "torch_threads": a.threads,
+        **({"bf16_autocast": True} if a.bf16 else {}),
         "seed": a.seed,
         "context_size": meta["context_size"],
         "corpus": meta["corpus_description"],
@@ -500,6 +507,12 @@ def bench_main(argv: list[str]) -> int:
     p.add_argument("--buffer-tokens", type=int, default=65_536)
     p.add_argument("--model-batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 autocast where each trainer offers it: SAELens autocast_lm, sparsify's "
+        "bf16 autocast (its GPU default), acgraph --model-autocast bfloat16",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=3600, help="seconds per trainer run")
     p.add_argument("--remake-inputs", action="store_true")
@@ -525,7 +538,7 @@ def bench_main(argv: list[str]) -> int:
     meta = ensure_inputs(a.model, sorted(set(s["layers"]) | {layer}), data_dir, a.remake_inputs)
     if sae_hook not in _eval_keys(data_dir):
         meta = ensure_inputs(a.model, meta["layers"], data_dir, True)
-    run_dir = PEERS / "runs" / f"{a.model}_L{layer}{_suffix(a.threads)}"
+    run_dir = PEERS / "runs" / f"{a.model}_L{layer}{_suffix(a)}"
     run_dir.mkdir(parents=True, exist_ok=True)
 
     ran: dict[str, int] = {}
@@ -549,9 +562,9 @@ def bench_main(argv: list[str]) -> int:
     return 0 if all(v == 0 for v in ran.values()) else 1
 
 
-def _suffix(threads: int) -> str:
-    """Runs with the standard 2 threads have plain names; others say their thread count."""
-    return "" if threads == 2 else f"_threads{threads}"
+def _suffix(a: argparse.Namespace) -> str:
+    """Standard runs (2 threads, fp32) have plain names; others say how they differ."""
+    return ("" if a.threads == 2 else f"_threads{a.threads}") + ("_bf16" if a.bf16 else "")
 
 
 def _trained(model: str, layer: int, name: str) -> Path | None:

@@ -66,6 +66,13 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         default=1.0,
         help="gradient-norm clip on the raw MSE scale, as SAELens (1.0; 0 = off)",
     )
+    p.add_argument(
+        "--model-autocast",
+        choices=["bfloat16"],
+        default=None,
+        help="run the model forward (activations only) under bf16 autocast, as SAELens's "
+        "autocast_lm: about 2x faster on CPUs with bf16 instructions (default: fp32)",
+    )
     p.add_argument("--l1", type=float, default=1e-3, help="ReLU L1 coefficient")
     p.add_argument("--l0", type=float, default=1e-3, help="JumpReLU L0 coefficient")
     p.add_argument("--dead-tokens", type=int, default=1_000_000, help="tokens until dead")
@@ -231,6 +238,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         b_dec_init=args.b_dec_init,
         max_grad_norm=args.max_grad_norm or None,
+        model_autocast=args.model_autocast,
     )
     result = train_dictionaries(
         model, tokens, configs, out, train_cfg, resume=args.resume, shard_dir=args.shards

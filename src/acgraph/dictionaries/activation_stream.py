@@ -20,6 +20,7 @@ block instead of running the model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import re
@@ -35,6 +36,8 @@ from acgraph.errors import ArtifactError, ConfigError
 from acgraph.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
 SHARD_FORMAT_VERSION = 1
+# model-forward precisions a stream can run under (None: the model's own dtype)
+AUTOCAST_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "bfloat16": torch.bfloat16}
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -66,9 +69,17 @@ def stop_layer(hooks: Iterable[str]) -> int | None:
 
 @torch.no_grad()
 def capture_hooks(
-    model: Any, tokens: Tensor, hooks: Sequence[str], *, stop: bool = True
+    model: Any,
+    tokens: Tensor,
+    hooks: Sequence[str],
+    *,
+    stop: bool = True,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
-    """One forward of ``tokens [batch, pos]``; returns ``{hook: [batch, pos, d]}``."""
+    """One forward of ``tokens [batch, pos]``; returns ``{hook: [batch, pos, d]}``.
+
+    ``autocast``: run the forward under ``torch.autocast`` to that dtype (matmuls in bf16 on
+    CPUs with bf16 instructions are about twice as fast; the residual stream stays fp32)."""
     captured: dict[str, Tensor] = {}
 
     def make(name: str):
@@ -81,7 +92,13 @@ def capture_hooks(
     layer = stop_layer(hooks) if stop else None
     if layer is not None and layer < model.cfg.n_layers:
         kwargs["stop_at_layer"] = layer
-    model.run_with_hooks(tokens, fwd_hooks=[(h, make(h)) for h in hooks], **kwargs)
+    precision = (
+        contextlib.nullcontext()
+        if autocast is None
+        else torch.autocast(torch.device(tokens.device).type, dtype=autocast)
+    )
+    with precision:
+        model.run_with_hooks(tokens, fwd_hooks=[(h, make(h)) for h in hooks], **kwargs)
     missing = [h for h in hooks if h not in captured]
     if missing:
         raise ArtifactError(f"the model never ran hooks {missing}")
@@ -142,6 +159,7 @@ class ActivationStream:
         seed: int = 0,
         shard_dir: str | Path | None = None,
         device: str | torch.device | None = None,
+        autocast: torch.dtype | None = None,
     ):
         if tokens.dim() != 2 or tokens.shape[0] < 1:
             raise ConfigError(
@@ -169,6 +187,7 @@ class ActivationStream:
         self.seed = int(seed)
         self.device = device if device is not None else model.cfg.device
         self.shard_dir = Path(shard_dir) if shard_dir is not None else None
+        self.autocast = autocast
         self._perms: dict[int, Tensor] = {}
         self._block_cache: tuple[int, dict[str, Tensor]] | None = None
         self._compute_hooks = list(self.hooks)  # a shard folder may hold more hooks
@@ -214,7 +233,7 @@ class ActivationStream:
         for start in range(0, contexts.shape[0], self.model_batch_size):
             chunk = contexts[start : start + self.model_batch_size]
             keep = ~torch.isin(chunk, excluded).reshape(-1)
-            acts = capture_hooks(self.model, chunk.to(self.device), hooks)
+            acts = capture_hooks(self.model, chunk.to(self.device), hooks, autocast=self.autocast)
             for hook in hooks:
                 value = acts[hook]
                 flat = value.reshape(-1, value.shape[-1])
@@ -324,6 +343,7 @@ class ActivationStream:
             "seed": self.seed,
             "contexts_per_block": self.contexts_per_block,
             "exclude_token_ids": self.exclude_token_ids,
+            "autocast": None if self.autocast is None else str(self.autocast),
         }
 
     def _check_manifest(self) -> None:

@@ -47,7 +47,12 @@ from torch import Tensor
 from acgraph.errors import ArtifactError, ConfigError
 from acgraph.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
-from .activation_stream import ActivationStream, StreamPosition, special_token_ids
+from .activation_stream import (
+    AUTOCAST_DTYPES,
+    ActivationStream,
+    StreamPosition,
+    special_token_ids,
+)
 from .config import DictionaryConfig
 from .dictionary import SparseDictionary
 
@@ -69,6 +74,9 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     buffer_tokens: int = 65_536  # shuffle buffer: tokens per block
     model_batch_size: int = 32  # contexts per model forward
+    # run the model forward (activations only; dictionaries train in fp32) under autocast to
+    # this dtype, as SAELens's `autocast_lm`: "bfloat16" or None (fp32)
+    model_autocast: str | None = None
     checkpoint_every: int = 500  # steps; 0: only at the end
     seed: int = 0
     b_dec_init: str = "mean"
@@ -92,6 +100,11 @@ class TrainConfig:
             raise ConfigError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if self.checkpoint_every < 0:
             raise ConfigError("checkpoint_every must be >= 0")
+        if self.model_autocast not in AUTOCAST_DTYPES:
+            raise ConfigError(
+                f"model_autocast must be one of {sorted(AUTOCAST_DTYPES, key=str)}, "
+                f"got {self.model_autocast!r}"
+            )
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
 
     @property
@@ -569,6 +582,7 @@ def train_dictionaries(
         seed=train_cfg.seed,
         shard_dir=shard_dir,
         device=device,
+        autocast=AUTOCAST_DTYPES[train_cfg.model_autocast],
     )
     _check_widths(model, tokens, configs)
     states = [_DictState(m, train_cfg) for m in modules]
