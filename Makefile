@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 # For the browser test of circuit-tracer's viewer (tests/test_viewer_browser.py): Debian's
 # chromium (installed when we are root), circuit-tracer's frontend from its wheel, and the npm
 # packages of the libraries the viewer loads from CDNs.
-$(VIEWER)/.installed: Makefile
+$(VIEWER)/.installed: Makefile $(STAMP)
 	mkdir -p $(VIEWER)
 	test -x /usr/bin/chromium || test "$$(id -u)" != 0 || \
 	  apt-get install -y -q --no-install-recommends chromium >/dev/null || \

@@ -17,17 +17,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from subprocess import PIPE
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CT_PY = ROOT / "bench/peers/circuit_tracer/bin/python"
 
 
-def run(cmd: list[str]) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-3:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run(cmds: dict[str, list[str]], parallel: bool) -> dict[str, dict]:
+    """Each tool's result line; ``parallel``: both processes at once (one thread each)."""
+
+    def start(cmd: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(cmd, stdout=PIPE, stderr=PIPE, text=True, cwd=ROOT)
+
+    def finish(proc: subprocess.Popen) -> dict:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            return {"error": err.strip().splitlines()[-3:]}
+        return json.loads(out.strip().splitlines()[-1])
+
+    if parallel:
+        procs = {name: start(cmd) for name, cmd in cmds.items()}
+        return {name: finish(proc) for name, proc in procs.items()}
+    return {name: finish(start(cmd)) for name, cmd in cmds.items()}
 
 
 def main() -> None:
@@ -38,6 +50,17 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/acg_attr_bench"))
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/attribution_organism.json")
     p.add_argument("--ct-prune-max-length", type=int, default=128)
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model folder under --data (default: organism, organism_ctx256 past 128 tokens)",
+    )
+    p.add_argument(
+        "--parallel",
+        action="store_true",
+        help="run the two tools at the same time (one thread each, on a 2-core machine)",
+    )
+    p.add_argument("--skip-ct-above", type=int, default=None, help="circuit-tracer up to N tokens")
     p.add_argument(
         "--compare-only", action="store_true", help="redo the comparisons of an existing --out"
     )
@@ -53,26 +76,26 @@ def main() -> None:
         args.out.write_text(json.dumps(data, indent=2) + "\n")
         return
 
+    model_arg = ["--model", args.model] if args.model else []
     rows = []
     for n in args.lengths:
         runs: dict[str, list[dict]] = {"acgraph": [], "circuit-tracer": []}
         for rep in range(args.repeats):
             ours_dir = args.work / f"ours_{n}_{rep}"
             ct_dir = args.work / f"ct_{n}_{rep}"
-            runs["acgraph"].append(
-                run(
-                    [
-                        sys.executable,
-                        str(HERE / "run_ours.py"),
-                        "--data",
-                        str(args.data),
-                        "--length",
-                        str(n),
-                        "--out",
-                        str(ours_dir),
-                    ]
-                )
-            )
+            cmds = {
+                "acgraph": [
+                    sys.executable,
+                    str(HERE / "run_ours.py"),
+                    "--data",
+                    str(args.data),
+                    "--length",
+                    str(n),
+                    "--out",
+                    str(ours_dir),
+                    *model_arg,
+                ]
+            }
             ct_cmd = [
                 str(CT_PY),
                 str(HERE / "run_ct.py"),
@@ -82,10 +105,17 @@ def main() -> None:
                 str(n),
                 "--out",
                 str(ct_dir),
+                *model_arg,
             ]
             if n > args.ct_prune_max_length or rep > 0:
                 ct_cmd.append("--no-prune")
-            runs["circuit-tracer"].append(run(ct_cmd))
+            if args.skip_ct_above is None or n <= args.skip_ct_above:
+                cmds["circuit-tracer"] = ct_cmd
+            results = run(cmds, args.parallel)
+            runs["acgraph"].append(results["acgraph"])
+            runs["circuit-tracer"].append(
+                results.get("circuit-tracer", {"skipped": f"longer than {args.skip_ct_above}"})
+            )
             print(n, rep, {k: v[-1].get("seconds") for k, v in runs.items()}, flush=True)
         best = {
             k: min((r for r in v if "seconds" in r), key=lambda r: r["seconds"], default=v[0])
@@ -111,7 +141,8 @@ def main() -> None:
             json.dumps(
                 {
                     "benchmark": "attribution",
-                    "model": "organism",
+                    "model": args.model or "organism",
+                    "parallel": args.parallel,
                     "date": time.strftime("%Y-%m-%d"),
                     "rows": rows,
                 },
