@@ -71,7 +71,8 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         choices=["bfloat16"],
         default=None,
         help="run the model forward (activations only) under bf16 autocast, as SAELens's "
-        "autocast_lm: about 2x faster on CPUs with bf16 instructions (default: fp32)",
+        "autocast_lm; the forward is about 2x faster on CPUs with bf16 instructions "
+        "(default: fp32)",
     )
     p.add_argument("--l1", type=float, default=1e-3, help="ReLU L1 coefficient")
     p.add_argument("--l0", type=float, default=1e-3, help="JumpReLU L0 coefficient")
