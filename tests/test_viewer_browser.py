@@ -53,14 +53,13 @@ JETPACK_GLUE = """
 
 
 def _d3_with_jetpack() -> str:
-    parts = [MODULES / "d3/dist/d3.js", MODULES / "d3-collection/dist/d3-collection.js"]
-    jetpack = (MODULES / "d3-jetpack/build/d3-jetpack.cjs").read_text()
-    return ";\n".join(p.read_text() for p in parts) + JETPACK_GLUE % jetpack
+    *plain, jetpack = LIBRARIES["d3.js"]
+    return ";\n".join(p.read_text() for p in plain) + JETPACK_GLUE % jetpack.read_text()
 
 
 # the page's CDN scripts, by file name -> the files that answer them (none: an empty script)
 LIBRARIES = {
-    "d3.js": [
+    "d3.js": [  # jetpack last: see JETPACK_GLUE
         MODULES / "d3/dist/d3.js",
         MODULES / "d3-collection/dist/d3-collection.js",
         MODULES / "d3-jetpack/build/d3-jetpack.cjs",
