@@ -10,7 +10,8 @@
    Jacobians (:class:`~.frozen.LinearizedModel`), contracting the gradient at each MLP output
    with that layer's source vectors (activation x decoder row, error vector) and at the
    embedding with the token embeddings. Each batch keeps only positions up to its last target
-   position, and each row only its structurally possible sources, appended straight into CSR.
+   position, and each row only its structurally possible sources, written straight into a CSR
+   allocated once up front (its row sizes are known before any backward pass).
 """
 
 from __future__ import annotations
@@ -173,10 +174,12 @@ def _assemble(
     row_pos = torch.cat([src.feat_pos, torch.tensor([t.position for t in tgt_list], device=dev)])
     n_rows = row_layer.shape[0]
 
-    crows = [torch.zeros(1, dtype=torch.long)]
-    cols_out: list[Tensor] = []
-    vals_out: list[Tensor] = []
-    nnz = 0
+    # Allocated once and filled batch by batch: concatenating per-batch pieces at the end held
+    # the whole adjacency twice.
+    counts = _row_counts(src, row_layer, row_pos, L, n).cpu()
+    crow = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    col = torch.empty(int(crow[-1]), dtype=torch.int32)
+    val = torch.empty(int(crow[-1]), dtype=torch.float32)
     bar = tqdm(total=n_rows, desc="attribution", unit="row", disable=not verbose)
     for start in range(0, n_rows, batch_size):
         rows = torch.arange(start, min(start + batch_size, n_rows), device=dev)
@@ -224,15 +227,14 @@ def _assemble(
         c_layer = torch.cat([*lay_f[::-1], *lay_e[::-1], torch.full((m,), -1, device=dev)])
         c_pos = torch.cat([*pos_f[::-1], *pos_e[::-1], torch.arange(m, device=dev)])
         mask = (c_layer[None] < b_layer[:, None]) & (c_pos[None] <= b_pos[:, None])
-        counts = mask.sum(1).cpu()
-        vals_out.append(vals[mask].float().cpu())
-        cols_out.append(cols.expand(B, -1)[mask].to(torch.int32).cpu())
-        crows.append(nnz + counts.cumsum(0))
-        nnz += int(counts.sum())
+        lo, hi = int(crow[start]), int(crow[start + B])
+        if int(mask.sum()) != hi - lo:  # the up-front count and the mask must agree
+            raise RuntimeError("attribution: row sizes disagree with the precomputed CSR")
+        val[lo:hi] = vals[mask].float().cpu()
+        col[lo:hi] = cols.to(torch.int32).expand(B, -1)[mask].cpu()
         bar.update(B)
     bar.close()
     # error and token rows have no incoming edges: insert empty rows between features/targets
-    crow = torch.cat(crows)
     feat_crow, tgt_crow = crow[: F + 1], crow[F + 1 :]
     empty = torch.full((L * n + n,), int(feat_crow[-1]), dtype=torch.long)
     full_crow = torch.cat([feat_crow, empty, tgt_crow])
@@ -247,10 +249,19 @@ def _assemble(
         feat_act=src.feat_act.float().cpu(),
         targets=tgt_list,
         crow=full_crow,
-        col=torch.cat(cols_out) if cols_out else torch.zeros(0, dtype=torch.int32),
-        val=torch.cat(vals_out) if vals_out else torch.zeros(0),
+        col=col,
+        val=val,
         meta={},
     )
+
+
+def _row_counts(src: Sources, row_layer: Tensor, row_pos: Tensor, L: int, n: int) -> Tensor:
+    """Sources of each row: features and errors of earlier layers at positions <= its position,
+    and the tokens up to it."""
+    hist = torch.zeros(L + 1, n, dtype=torch.long, device=row_layer.device)
+    hist.index_put_((src.feat_layer + 1, src.feat_pos), torch.ones_like(src.feat_pos), True)
+    below = hist.cumsum(0).cumsum(1)  # below[l, p]: features in layers < l at positions <= p
+    return below[row_layer, row_pos] + (row_layer + 1) * (row_pos + 1)
 
 
 def _contract(
