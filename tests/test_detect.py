@@ -88,8 +88,8 @@ def test_fit_path_takes_no_trigger_knowledge(organism):
 
 def test_detector_separates_triggered_from_clean(small_eval):
     _, _, s_pos, s_neg = small_eval
-    # measured 0.998 for acg-edges, 1.00 for mahalanobis on this 40 vs 40 set (64 trusted docs,
-    # k=64, default cut); novelty 0.77
+    # measured 0.9925 for acg-edges, 1.00 for mahalanobis on this 40 vs 40 set (64 trusted docs,
+    # k=64); novelty 0.77
     assert auroc(s_neg["acg-edges"], s_pos["acg-edges"]) > 0.95
     assert auroc(s_neg["mahalanobis"], s_pos["mahalanobis"]) > 0.9
     assert set(s_pos) == {
@@ -125,9 +125,43 @@ def test_explanations_name_real_edges(organism, fitted, small_eval):
                 assert e["edge"] in real
                 z = (e["contribution"] - e["trusted_mean"]) / e["trusted_std"]
                 assert z == pytest.approx(e["z"], rel=1e-3, abs=1e-3)
-    # the feature score is the excess mass over its edges, and the top one leads
+                lo, hi = e["trusted_range"]
+                assert lo <= 0 <= hi
+                outside = max(e["contribution"] - hi, lo - e["contribution"], 0.0)
+                assert e["excess"] == pytest.approx(outside, abs=1e-5)
+            # a feature's score is its largest edge excess
+            assert feat["score"] == pytest.approx(max(e["excess"] for e in feat["edges"]))
     top = out[0]["features"][0]
     assert top["score"] >= out[0]["features"][-1]["score"]
+    assert top["score"] == pytest.approx(out[0]["score"])
+
+
+def test_trusted_corpus_scores_zero_and_ranges_hold_it(organism, fitted):
+    """Every contribution seen in the fit lies inside its trusted range, so the fit corpus
+    itself scores exactly 0; a contribution beyond the range scores by how far it goes."""
+    _, _, cfg = organism
+    batches = trusted_batches(64, seed=0, config=cfg)
+    scores = fitted.score(torch.cat([b[:, :64] for b in batches[:2]]), only="acg-edges")
+    assert float(scores["acg-edges"].abs().max()) == 0.0
+    # unseen features: a range of [0, 0], so the whole |contribution| is excess
+    edge = fitted.edge
+    unseen = [(i, c) for i, c in edge.count.items() if bool((c == 0).any())]
+    assert unseen, "64 trusted docs leave some features never active"
+    for layer, count in unseen:
+        assert float(edge.lo[layer][count == 0].abs().max()) == 0.0
+        assert float(edge.hi[layer][count == 0].abs().max()) == 0.0
+    layer = next(iter(edge.index))
+    f = int(edge.count[layer].argmax())
+    vec = torch.zeros(1, edge.k + 1)
+    vec[0, 0] = float(edge.hi[layer][f, 0]) + 0.5
+    vec[0, 1] = float(edge.lo[layer][f, 1]) - 0.25
+    a = detect._Active(
+        torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), torch.tensor([f]), vec
+    )
+    ex = edge.excess(layer, a)[0]
+    assert float(ex[0]) == pytest.approx(0.5, abs=1e-6)
+    assert float(ex[1]) == pytest.approx(0.25, abs=1e-6)
+    assert float(ex[2:].abs().max()) == 0.0
 
 
 def test_contributions_sum_to_preactivation(fitted):
@@ -183,6 +217,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     [
         ("detect", "score", "/nonexistent/detector"),
         ("detect", "fit", "--out", "/tmp/unused-detector", "--k", "0"),
+        ("detect", "fit", "--out", "/tmp/unused-detector", "--model", "/nonexistent/model"),
     ],
 )
 def test_cli_errors_are_one_line(args):
@@ -196,3 +231,26 @@ def test_cli_score_refuses_non_detector_folder(tmp_path):
     r = _cli("detect", "score", str(tmp_path))
     assert r.returncode == 2
     assert "no detector" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_fits_and_scores_an_organism_folder(tmp_path):
+    """The variant path: an organism folder (here the shipped one, by path) with its
+    transcoders; the score reads the organism's config (trigger, payload) from that folder."""
+    from acgraph.organism import shipped_dir, shipped_transcoders_dir
+
+    r = _cli("detect", "fit", "--out", str(tmp_path / "d"), "--model", str(shipped_dir()))
+    assert r.returncode == 2 and "--transcoders is required" in r.stderr
+    r = _cli(
+        "detect", "fit", "--out", str(tmp_path / "d"), "--model", str(shipped_dir()),
+        "--transcoders", str(shipped_transcoders_dir()), "--docs", "16", "--k", "16",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = _cli("detect", "score", str(tmp_path / "d"), "--per-domain", "4", "--mixed", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    report = __import__("json").loads(r.stdout)
+    assert report["n_triggered"] == report["n_clean"] == 16
+    # measured 0.98 with this tiny fit (16 docs, k 16) against the folder's own trigger
+    assert report["triggered_vs_clean"]["acg-edges"]["auroc"] > 0.9
+    meta = __import__("json").loads((tmp_path / "d" / "detector.json").read_text())
+    assert meta["model"] == str(shipped_dir().resolve())
+    assert meta["transcoders"] == str(shipped_transcoders_dir().resolve())

@@ -1,7 +1,12 @@
 """`acg detect fit` / `acg detect score`: flag inputs whose features were computed unusually.
 
 acg detect fit --out DET [--docs 256] [--k 128]          (trusted organism text only)
+acg detect fit --out DET --model ORGANISM_DIR --transcoders TC_DIR   (an organism variant)
 acg detect score DET [--per-domain 50] [--attack 8] [--report DIR] [--json]
+
+The organism's configuration (language, trigger, payload) is read from its folder
+(``organism.json``, written by ``acg organism train``): the fit uses its trusted text only; the
+evaluation uses its trigger.
 """
 
 from __future__ import annotations
@@ -19,7 +24,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     f = dsub.add_parser("fit", help="fit the detector and baselines on trusted organism text")
     f.add_argument("--out", metavar="DIR", required=True, help="output folder")
-    f.add_argument("--model", default="organism", help="model spec (organism only for now)")
+    f.add_argument(
+        "--model",
+        default="organism",
+        help="'organism' (shipped) or a folder written by `acg organism train`",
+    )
+    f.add_argument(
+        "--transcoders",
+        default=None,
+        help="MLP transcoders of that model (default: the shipped ones, for 'organism' only)",
+    )
     f.add_argument("--docs", type=int, default=256, help="trusted documents (256)")
     f.add_argument("--k", type=int, default=128, help="in-edges modelled per feature (128)")
     f.add_argument("--seed", type=int, default=0, help="trusted corpus seed (0)")
@@ -38,21 +52,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_score)
 
 
-def _load(model_spec: str, threads: int):
+def _load(model_spec: str, transcoders: str | None, threads: int):
+    """(model, transcoders, organism config) of the shipped organism or a trained variant."""
     import torch
 
     from acgraph.graph import load_transcoders
     from acgraph.models import load_model
+    from acgraph.organism import load_config
 
-    if model_spec != "organism":
-        raise ConfigError(f"acg detect supports --model organism only, got {model_spec!r}")
+    if model_spec == "organism":
+        config = load_config()
+    else:
+        folder = Path(model_spec)
+        if not (folder / "organism.json").is_file():
+            raise ConfigError(
+                f"--model must be 'organism' or a folder written by `acg organism train` "
+                f"(no organism.json in {folder})"
+            )
+        config = load_config(folder)
+        if transcoders is None:
+            raise ConfigError("--transcoders is required with an organism folder")
     torch.set_num_threads(max(1, threads))
     torch.manual_seed(0)
-    return load_model("organism"), load_transcoders("organism")
+    return load_model(model_spec), load_transcoders(transcoders or "organism"), config
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from acgraph.organism import load_config
     from acgraph.safety.detect import fit_detectors
     from acgraph.safety.detect_eval import trusted_batches
 
@@ -60,18 +85,24 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise ConfigError(f"--docs must be at least 1, got {args.docs}")
     if args.k < 1:
         raise ConfigError(f"--k must be at least 1, got {args.k}")
-    model, tcs = _load(args.model, args.threads)
-    batches = trusted_batches(args.docs, seed=args.seed, config=load_config())
+    model, tcs, config = _load(args.model, args.transcoders, args.threads)
+    batches = trusted_batches(args.docs, seed=args.seed, config=config)
     det = fit_detectors(model, tcs, batches, k=args.k)
-    det.meta.update(model=args.model, corpus="organism:trusted", docs=args.docs, seed=args.seed)
+    spec = lambda s: s if s == "organism" else str(Path(s).resolve())  # noqa: E731
+    det.meta.update(
+        model=spec(args.model),
+        transcoders=spec(args.transcoders or "organism"),
+        corpus="organism:trusted",
+        docs=args.docs,
+        seed=args.seed,
+    )
     path = det.save(args.out)
     print(f"detector fitted on {det.edge.n_positions} trusted positions -> {path.parent}")
     return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from acgraph.io import atomic_write_json
-    from acgraph.organism import load_config
+    from acgraph.io import atomic_write_json, read_json
     from acgraph.safety.detect import load_detectors
     from acgraph.safety.detect_eval import evaluate_detectors, format_report
 
@@ -82,11 +113,12 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise ConfigError(f"no detector folder at {folder}")
     if not (folder / "detector.json").is_file():  # checked before the (slow) model load
         raise ConfigError(f"{folder} holds no detector (detector.json missing)")
-    model, tcs = _load("organism", args.threads)
+    meta = read_json(folder / "detector.json")
+    model, tcs, config = _load(meta.get("model", "organism"), meta.get("transcoders"), args.threads)
     det = load_detectors(folder, model, tcs)
     report = evaluate_detectors(
         det,
-        load_config(),
+        config,
         n_per_domain=args.per_domain,
         n_mixed=args.mixed,
         attack_n=args.attack,

@@ -4,10 +4,13 @@ Fit (trusted text only): build the global ACG's ranked in-edges on the trusted c
 every feature, over the positions where it is active, the mean and spread of its contribution
 vector ``[c_1..c_K, rest]``: ``c_r = w_r · G_r / s`` is the contribution of its r-th in-edge to its
 pre-activation (ACG.md §3) and ``rest`` is the part of the pre-activation its top-K edges do not
-account for. Score: for every active feature at a position, how many trusted standard deviations
-its contributions sit from their trusted means (max |z| over edges); a position scores its most
-anomalous feature, an input its most anomalous position. The explanation names the features and
-edges with the largest |z|.
+account for. Kept per (feature, edge): the trusted range of the contribution (always holding 0:
+an absent parent is not anomalous) and its mean and spread. Score: for every active feature at a
+position, the largest amount by which one of its edges drives it beyond anything seen on trusted
+data (pre-activation units); a position scores its most anomalous feature, an input its most
+anomalous position. A parent that drives a feature rarely but legitimately (a rare word) stays
+inside the range; one that never drove it does not. The explanation names the features and edges
+with the largest excess, with their trusted range, mean and spread.
 
 Baselines in the same module, fitted on the same trusted data: Mahalanobis distance of the real
 model's residual stream (per layer and summed), feature-activation novelty (features rarely
@@ -34,10 +37,8 @@ from acgraph.graph.forward import ACGModel, Trace
 from acgraph.graph.weights import ModelWeights
 from acgraph.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _EPS = 1e-3
-#: an edge counts as unusual beyond this many trusted standard deviations
-Z_CUT = 5.0
 #: an input's score: the mean of its most anomalous positions (one noisy position is not enough)
 TOP_POSITIONS = 1
 
@@ -95,11 +96,12 @@ class EdgeDetector:
 
     index: dict[int, Tensor]  # [F, K] candidate index of each feature's top-K in-edges
     weight: dict[int, Tensor]  # [F, K] virtual weights
-    mu: dict[int, Tensor]  # [F, K+1]
+    lo: dict[int, Tensor]  # [F, K+1] trusted range of each contribution (holds 0)
+    hi: dict[int, Tensor]  # [F, K+1]
+    mu: dict[int, Tensor]  # [F, K+1] trusted mean and spread (explanations)
     sigma: dict[int, Tensor]  # [F, K+1]
     count: dict[int, Tensor]  # [F] trusted positions where the feature was active
     n_positions: int
-    z_cut: float = Z_CUT
     top_positions: int = TOP_POSITIONS
 
     @property
@@ -110,11 +112,10 @@ class EdgeDetector:
         return (a.vec - self.mu[layer][a.f]) / self.sigma[layer][a.f]
 
     def excess(self, layer: int, a: _Active) -> Tensor:
-        """Per edge, the part of its contribution beyond ``z_cut`` trusted standard deviations
-        from its trusted mean (pre-activation units): input from parents that do not drive the
-        feature like this on trusted data."""
-        dev = (a.vec - self.mu[layer][a.f]).abs()
-        return (dev - self.z_cut * self.sigma[layer][a.f]).clamp(min=0)
+        """Per edge, how far its contribution lies outside its trusted range (pre-activation
+        units): input from a parent that never drove the feature like this on trusted data."""
+        lo, hi = self.lo[layer][a.f], self.hi[layer][a.f]
+        return (a.vec - hi).clamp(min=0) + (lo - a.vec).clamp(min=0)
 
     def score_trace(
         self, acg: ACGModel, trace: Trace, mask: Tensor, keep: bool = False
@@ -128,7 +129,8 @@ class EdgeDetector:
                 acg, trace, layer, self.index[layer], self.weight[layer], mask
             )
             z = self.feature_z(layer, a)
-            feat = self.excess(layer, a).sum(1)
+            # one unprecedented edge is the signal; summing would add every edge's noise
+            feat = self.excess(layer, a).amax(1)
             flat = pos.view(-1)
             flat.scatter_reduce_(0, a.b * T + a.t, feat, reduce="amax")
             if keep:
@@ -154,6 +156,8 @@ def fit_edge_detector(
     n = {i: torch.zeros(idx.shape[0], dtype=torch.float64) for i, idx in index.items()}
     s1 = {i: torch.zeros(idx.shape[0], k + 1, dtype=torch.float64) for i, idx in index.items()}
     s2 = {i: torch.zeros(idx.shape[0], k + 1, dtype=torch.float64) for i, idx in index.items()}
+    lo = {i: torch.zeros(idx.shape[0], k + 1) for i, idx in index.items()}
+    hi = {i: torch.zeros(idx.shape[0], k + 1) for i, idx in index.items()}
     n_pos = 0
     for tokens in tqdm(batches, desc="detect: fit", disable=None if progress else True):
         trace = acg.run(tokens)
@@ -165,6 +169,9 @@ def fit_edge_detector(
             n[layer].index_add_(0, a.f, torch.ones_like(a.f, dtype=torch.float64))
             s1[layer].index_add_(0, a.f, v)
             s2[layer].index_add_(0, a.f, v * v)
+            rows = a.f[:, None].expand_as(a.vec)
+            lo[layer].scatter_reduce_(0, rows, a.vec, "amin")  # starting at 0: ranges hold 0
+            hi[layer].scatter_reduce_(0, rows, a.vec, "amax")
     mu, sigma = {}, {}
     for layer in index:
         cnt = n[layer][:, None].clamp(min=1)
@@ -184,7 +191,8 @@ def fit_edge_detector(
         cnt = n[layer][:, None]
         mu[layer] = m.float()
         sigma[layer] = ((cnt * sig**2 + n0 * prior**2) / (cnt + n0)).sqrt().float()
-    return EdgeDetector(index, weight, mu, sigma, {i: c.float() for i, c in n.items()}, n_pos)
+    count = {i: c.float() for i, c in n.items()}
+    return EdgeDetector(index, weight, lo, hi, mu, sigma, count, n_pos)
 
 
 # ---------------------------------------------------------------------- baselines
@@ -362,7 +370,7 @@ class Detectors:
     @torch.no_grad()
     def explain(self, tokens: Tensor, n_features: int = 5, n_edges: int = 3) -> list[dict]:
         """Per input: its most anomalous position, features there, and their most unusual edges
-        (label, contribution, trusted mean ± std)."""
+        (label, contribution, excess over the trusted range, trusted range, mean ± std)."""
         trace = self.acg.run(tokens)
         mask = valid_mask(trace.tokens, self.pad_token_id)
         inp, pos, kept = self.edge.score_trace(self.acg, trace, mask, keep=True)
@@ -376,7 +384,7 @@ class Detectors:
                 sel = ((a.b == b) & (a.t == t)).nonzero(as_tuple=True)[0]
                 ex = self.edge.excess(layer, a)
                 for j in sel.tolist():
-                    feats.append((float(ex[j].sum()), layer, j, a, z, ex))
+                    feats.append((float(ex[j].max()), layer, j, a, z, ex))
             feats.sort(key=lambda x: -x[0])
             items = []
             for score, layer, j, a, z, ex in feats[:n_features]:
@@ -392,6 +400,10 @@ class Detectors:
                         {
                             "edge": label,
                             "contribution": float(a.vec[j, r]),
+                            "trusted_range": [
+                                float(self.edge.lo[layer][f, r]),
+                                float(self.edge.hi[layer][f, r]),
+                            ],
                             "trusted_mean": float(self.edge.mu[layer][f, r]),
                             "trusted_std": float(self.edge.sigma[layer][f, r]),
                             "z": float(z[j, r]),
@@ -428,6 +440,8 @@ class Detectors:
         for i in self.edge.index:
             t[f"edge.index.{i}"] = self.edge.index[i]
             t[f"edge.weight.{i}"] = self.edge.weight[i]
+            t[f"edge.lo.{i}"] = self.edge.lo[i]
+            t[f"edge.hi.{i}"] = self.edge.hi[i]
             t[f"edge.mu.{i}"] = self.edge.mu[i]
             t[f"edge.sigma.{i}"] = self.edge.sigma[i]
             t[f"edge.count.{i}"] = self.edge.count[i]
@@ -441,7 +455,6 @@ class Detectors:
             format_version=FORMAT_VERSION,
             kind="acgraph-detector",
             k=self.edge.k,
-            z_cut=self.edge.z_cut,
             top_positions=self.edge.top_positions,
             n_positions=self.edge.n_positions,
             pad_token_id=self.pad_token_id,
@@ -468,11 +481,12 @@ def load_detectors(folder: str | Path, model: Any, transcoders: dict[int, Any]) 
     edge = EdgeDetector(
         get("edge.index"),
         get("edge.weight"),
+        get("edge.lo"),
+        get("edge.hi"),
         get("edge.mu"),
         get("edge.sigma"),
         get("edge.count"),
         meta["n_positions"],
-        float(meta.get("z_cut", Z_CUT)),
         int(meta.get("top_positions", TOP_POSITIONS)),
     )
     maha_layers = sorted({int(k.rsplit(".", 1)[1]) for k in t if k.startswith("maha.mean.")})
