@@ -150,7 +150,7 @@ def hypotheses_stage(out: Path, n_fit: int = 64, n_eval: int = 32, budget: float
     return result
 
 
-def detect_stage(out: Path, n_docs: int = 256, n_per_domain: int = 50) -> dict:
+def detect_stage(out: Path, n_docs: int = 1024, n_per_domain: int = 50) -> dict:
     """Fit the anomalous-computation detector and its baselines on trusted organism text only,
     then score triggered, clean and mixed-domain held-out inputs (no attack here: see
     `acg detect score --attack`)."""
