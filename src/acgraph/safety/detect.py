@@ -119,8 +119,9 @@ class EdgeDetector:
 
     def score_trace(
         self, acg: ACGModel, trace: Trace, mask: Tensor, keep: bool = False
-    ) -> tuple[Tensor, Tensor, list[tuple[_Active, Tensor]]]:
-        """(input scores [B], position scores [B, T], per-layer (active entries, z) if keep)."""
+    ) -> tuple[Tensor, Tensor, list[tuple[_Active, Tensor, Tensor]]]:
+        """(input scores [B], position scores [B, T], per-layer (active entries, z, excess) if
+        keep)."""
         B, T = trace.tokens.shape
         pos = torch.zeros(B, T)
         kept = []
@@ -128,13 +129,11 @@ class EdgeDetector:
             a = _active_contributions(
                 acg, trace, layer, self.index[layer], self.weight[layer], mask
             )
-            z = self.feature_z(layer, a)
+            ex = self.excess(layer, a)
             # one unprecedented edge is the signal; summing would add every edge's noise
-            feat = self.excess(layer, a).amax(1)
-            flat = pos.view(-1)
-            flat.scatter_reduce_(0, a.b * T + a.t, feat, reduce="amax")
-            if keep:
-                kept.append((a, z))
+            pos.view(-1).scatter_reduce_(0, a.b * T + a.t, ex.amax(1), reduce="amax")
+            if keep:  # z only feeds explanations
+                kept.append((a, self.feature_z(layer, a), ex))
         top = pos.topk(min(self.top_positions, T), dim=1).values.mean(1)
         return top, pos, kept
 
@@ -380,9 +379,8 @@ class Detectors:
         for b in range(tokens.shape[0]):
             t = int(pos[b].argmax())
             feats = []
-            for layer, (a, z) in zip(sorted(self.edge.index), kept, strict=True):
+            for layer, (a, z, ex) in zip(sorted(self.edge.index), kept, strict=True):
                 sel = ((a.b == b) & (a.t == t)).nonzero(as_tuple=True)[0]
-                ex = self.edge.excess(layer, a)
                 for j in sel.tolist():
                     feats.append((float(ex[j].max()), layer, j, a, z, ex))
             feats.sort(key=lambda x: -x[0])
