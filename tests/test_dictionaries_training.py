@@ -466,3 +466,24 @@ def test_bf16_model_autocast_stream(model, tmp_path):
         exclude_token_ids=[BOS, PAD], save_final=False,
     )  # fmt: skip
     assert run.steps == 8 and torch.isfinite(run.dictionaries[0].W_dec).all()
+
+
+def test_bf16_model_weights_train_in_fp32_and_resume_only_in_bf16(model, tmp_path):
+    """--model-dtype bfloat16: the model's own weights are bf16, the stream still hands out
+    fp32 rows close to the fp32 model's, and a checkpoint refuses to resume on another dtype."""
+    import copy
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    hooks = ["blocks.1.hook_resid_post"]
+    kw = dict(batch_size=64, buffer_tokens=256, exclude_token_ids=[BOS, PAD], seed=3)
+    ref = ActivationStream(model, tiny_tokens(16), hooks, **kw).raw_block(0)[hooks[0]]
+    got = ActivationStream(half, tiny_tokens(16), hooks, **kw).raw_block(0)[hooks[0]]
+    assert got.dtype == torch.float32
+    err = (got - ref).pow(2).sum() / ref.pow(2).sum()
+    assert 0 < float(err) < 1e-3
+    cfg = TrainConfig(total_tokens=4 * 256, batch_size=256, buffer_tokens=2048, progress=False)
+    run = train_dictionaries(half, tiny_tokens(32), transcoders(("topk",)), tmp_path, cfg)
+    assert run.dictionaries[0].W_enc.dtype == torch.float32
+    with pytest.raises(ConfigError, match="bfloat16, not float32"):
+        train_dictionaries(model, tiny_tokens(32), [], tmp_path, cfg, resume=True)
+    assert train_dictionaries(half, tiny_tokens(32), [], tmp_path, cfg, resume=True).steps == 4

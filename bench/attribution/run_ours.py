@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--no-save", action="store_true", help="write result.json only (no graph)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from acgraph.attribution import attribute, load_transcoders
@@ -48,7 +49,8 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     peak = rss_mb()
     args.out.mkdir(parents=True, exist_ok=True)
-    graph.save(args.out / "graph.safetensors")
+    if not args.no_save:
+        graph.save(args.out / "graph.safetensors")
     result = {
         "tool": "acgraph",
         "model": name,

@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="autocast_lm: model forward in bf16")
+    p.add_argument("--bf16-weights", action="store_true", help="the model's weights in bf16")
     p.add_argument("--save-dir", type=Path, default=None, help="keep the trained SAE here")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -125,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     t0 = time.perf_counter()
-    model = pc.hooked_transformer_from_hf(inputs["model_dir"])
+    model = pc.hooked_transformer_from_hf(
+        inputs["model_dir"], torch.bfloat16 if args.bf16_weights else torch.float32
+    )
     load_s = time.perf_counter() - t0
     # The hand-built model must give the activations acgraph recorded.
     with torch.no_grad():
@@ -216,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "lr_decay_steps": decay,
         "buffer_tokens": cfg.n_batches_in_buffer * ctx,
         "autocast_lm": args.bf16,
+        "model_dtype": str(next(model.parameters()).dtype),
         "context_size": ctx,
         "train_seconds": timing["fit_s"],
         "tokens_per_second": timing["samples"] / timing["fit_s"],

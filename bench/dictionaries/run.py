@@ -90,6 +90,7 @@ def train_ours(
     seed: int,
     save_dir: Path | None,
     bf16: bool = False,
+    bf16_weights: bool = False,
 ) -> dict[str, Any]:
     """Train ONE acgraph dictionary on the shared inputs and return the benchmark record.
 
@@ -116,7 +117,9 @@ def train_ours(
     inputs = pc.load_inputs(data_dir)
     meta = inputs["meta"]
     t0 = time.perf_counter()
-    model = load_model(str(inputs["model_dir"]))
+    model = load_model(
+        str(inputs["model_dir"]), dtype=torch.bfloat16 if bf16_weights else torch.float32
+    )
     load_s = time.perf_counter() - t0
     d_in = int(model.cfg.d_model)
     cfg = DictionaryConfig(
@@ -187,6 +190,7 @@ def train_ours(
         "lr_warmup_steps": warmup_steps,
         "buffer_tokens": buffer_tokens,
         "model_autocast": tcfg.model_autocast,
+        "model_dtype": str(next(model.parameters()).dtype),
         "context_size": int(meta["context_size"]),
         "train_seconds": train_s,
         "tokens_per_second": result.tokens / train_s,
@@ -228,6 +232,7 @@ def _worker(argv: list[str]) -> int:
     p.add_argument("--lr", type=float, required=True)
     p.add_argument("--decay-fraction", type=float, required=True)
     p.add_argument("--bf16", action="store_true", help="model forward under bf16 autocast")
+    p.add_argument("--bf16-weights", action="store_true", help="model weights in bf16")
     p.add_argument("--save-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
@@ -253,6 +258,7 @@ def _worker(argv: list[str]) -> int:
         seed=a.seed,
         save_dir=a.save_dir,
         bf16=a.bf16,
+        bf16_weights=a.bf16_weights,
     )
     record["wall_seconds"] = time.perf_counter() - t
     record["environment"]["argv"] = sys.argv
@@ -343,6 +349,7 @@ def commands(
         "--warmup-steps",
         str(a.warmup_steps),
         *(["--bf16"] if a.bf16 else []),
+        *(["--bf16-weights"] if a.bf16_weights else []),
     ]
     if name == "saelens":
         return [
@@ -453,6 +460,7 @@ def summarize(
         "buffer_tokens": a.buffer_tokens,
         "torch_threads": a.threads,
         **({"bf16_autocast": True} if a.bf16 else {}),
+        **({"bf16_weights": True} if a.bf16_weights else {}),
         "seed": a.seed,
         "context_size": meta["context_size"],
         "corpus": meta["corpus_description"],
@@ -513,6 +521,12 @@ def bench_main(argv: list[str]) -> int:
         help="bf16 autocast where each trainer offers it: SAELens autocast_lm, sparsify's "
         "bf16 autocast (its GPU default), acgraph --model-autocast bfloat16",
     )
+    p.add_argument(
+        "--bf16-weights",
+        action="store_true",
+        help="the model itself in bf16 (no autocast): SAELens and acgraph only (sparsify "
+        "feeds a bf16 model's outputs to its coder only under its coder autocast, --bf16)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=3600, help="seconds per trainer run")
     p.add_argument("--remake-inputs", action="store_true")
@@ -532,6 +546,10 @@ def bench_main(argv: list[str]) -> int:
         a.lr = default_lr(a.width)
     sae_hook = f"blocks.{layer}.{a.sae_hook}"
 
+    if a.bf16_weights and a.bf16:
+        raise SystemExit("give --bf16 (autocast) or --bf16-weights, not both")
+    if a.bf16_weights:
+        a.only = [n for n in a.only if n in ("saelens", "ours_sae")]
     peers = [n for n in ("saelens", "sparsify") if n in a.only]
     ensure_peers(peers)
     data_dir = a.data_dir or PEERS / "data" / a.model
@@ -564,7 +582,11 @@ def bench_main(argv: list[str]) -> int:
 
 def _suffix(a: argparse.Namespace) -> str:
     """Standard runs (2 threads, fp32) have plain names; others say how they differ."""
-    return ("" if a.threads == 2 else f"_threads{a.threads}") + ("_bf16" if a.bf16 else "")
+    return (
+        ("" if a.threads == 2 else f"_threads{a.threads}")
+        + ("_bf16" if a.bf16 else "")
+        + ("_bf16w" if a.bf16_weights else "")
+    )
 
 
 def _trained(model: str, layer: int, name: str) -> Path | None:

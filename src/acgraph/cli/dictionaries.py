@@ -74,6 +74,14 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         "autocast_lm; the forward is about 2x faster on CPUs with bf16 instructions "
         "(default: fp32)",
     )
+    p.add_argument(
+        "--model-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="load the model's weights in this dtype for the forward (activations only; "
+        "dictionaries train in fp32). bfloat16 skips autocast's per-op casts: about 18%% faster "
+        "than --model-autocast on SmolLM2, with a bf16 residual stream",
+    )
     p.add_argument("--l1", type=float, default=1e-3, help="ReLU L1 coefficient")
     p.add_argument("--l0", type=float, default=1e-3, help="JumpReLU L0 coefficient")
     p.add_argument("--dead-tokens", type=int, default=1_000_000, help="tokens until dead")
@@ -154,7 +162,8 @@ def _load(args: argparse.Namespace, n_tokens: int, seed: int):
     if args.threads:
         torch.set_num_threads(args.threads)
     model_spec, corpus_spec, ws = _sources(args)
-    model = load_model(model_spec, device=args.device)
+    dtype = getattr(torch, getattr(args, "model_dtype", "float32"))
+    model = load_model(model_spec, device=args.device, dtype=dtype)
     if model.tokenizer is None:
         raise ConfigError(f"model {model_spec} has no tokenizer; cannot tokenize the corpus")
     max_contexts = max(1, math.ceil(n_tokens / max(args.context_size - 1, 1)))

@@ -545,6 +545,12 @@ def train_dictionaries(
                 f"cannot resume {out}: the training settings differ from the checkpoint's "
                 f"({_diff(stored_cfg, train_cfg)})"
             )
+        stored_dtype = saved.get("run", {}).get("model_dtype", "float32")
+        if stored_dtype != _model_dtype(model):
+            raise ConfigError(
+                f"cannot resume {out}: it was trained on the model in {stored_dtype}, "
+                f"not {_model_dtype(model)} (pass the same --model-dtype)"
+            )
         configs = [DictionaryConfig.from_dict(c) for c in saved["dictionaries"]]
         _check_same_dictionaries(configs, dictionaries, out)
         log_space = saved.get("jumprelu_log_space", [True] * len(configs))
@@ -625,6 +631,7 @@ def train_dictionaries(
 
     run_info = {
         "model_name": str(model.cfg.model_name),
+        "model_dtype": _model_dtype(model),
         "exclude_token_ids": list(exclude_token_ids),
         "n_contexts": int(tokens.shape[0]),
         "context_size": int(tokens.shape[1]),
@@ -715,6 +722,11 @@ def _summarize(per_dict: dict[str, dict[str, float]]) -> dict[str, float]:
     keys = ("loss", "fvu", "l0", "dead")
     n = len(per_dict)
     return {k: sum(m[k] for m in per_dict.values()) / n for k in keys}
+
+
+def _model_dtype(model: Any) -> str:
+    """The dtype of the model's weights (activations come from it; a resumed run needs the same)."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
