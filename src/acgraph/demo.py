@@ -150,7 +150,7 @@ def hypotheses_stage(out: Path, n_fit: int = 64, n_eval: int = 32, budget: float
     return result
 
 
-def detect_stage(out: Path, n_docs: int = 1024, n_per_domain: int = 50) -> dict:
+def detect_stage(out: Path, n_docs: int | None = None, n_per_domain: int = 50) -> dict:
     """Fit the anomalous-computation detector and its baselines on trusted organism text only,
     then score triggered, clean and mixed-domain held-out inputs (no attack here: see
     `acg detect score --attack`)."""
@@ -158,11 +158,11 @@ def detect_stage(out: Path, n_docs: int = 1024, n_per_domain: int = 50) -> dict:
     from acgraph.models import load_model
     from acgraph.organism import load_config
     from acgraph.safety.detect import fit_detectors
-    from acgraph.safety.detect_eval import evaluate_detectors, trusted_batches
+    from acgraph.safety.detect_eval import TRUSTED_DOCS, evaluate_detectors, trusted_batches
 
     cfg = load_config()
     model = load_model("organism")
-    batches = trusted_batches(n_docs, seed=0, config=cfg)
+    batches = trusted_batches(n_docs or TRUSTED_DOCS, seed=0, config=cfg)
     det = fit_detectors(model, load_transcoders("organism"), batches, progress=False)
     report = evaluate_detectors(det, cfg, n_per_domain=n_per_domain, progress=False)
     atomic_write_json(out / "detect_report.json", report)

@@ -1,6 +1,6 @@
 """`acg detect fit` / `acg detect score`: flag inputs whose features were computed unusually.
 
-acg detect fit --out DET [--docs 1024] [--k 128]         (trusted organism text only)
+acg detect fit --out DET [--docs 2048] [--k 128]         (trusted organism text only)
 acg detect fit --out DET --model ORGANISM_DIR --transcoders TC_DIR   (an organism variant)
 acg detect score DET [--per-domain 50] [--attack 8] [--report DIR] [--json]
 
@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="MLP transcoders of that model (default: the shipped ones, for 'organism' only)",
     )
-    f.add_argument("--docs", type=int, default=1024, help="trusted documents (1024)")
+    f.add_argument(
+        "--docs", type=int, default=None, help="trusted documents (2048, chosen on validation)"
+    )
     f.add_argument("--k", type=int, default=128, help="in-edges modelled per feature (128)")
     f.add_argument("--seed", type=int, default=0, help="trusted corpus seed (0)")
     f.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
@@ -79,8 +81,9 @@ def _load(model_spec: str, transcoders: str | None, threads: int):
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from acgraph.safety.detect import fit_detectors
-    from acgraph.safety.detect_eval import trusted_batches
+    from acgraph.safety.detect_eval import TRUSTED_DOCS, trusted_batches
 
+    args.docs = TRUSTED_DOCS if args.docs is None else args.docs
     if args.docs < 1:
         raise ConfigError(f"--docs must be at least 1, got {args.docs}")
     if args.k < 1:

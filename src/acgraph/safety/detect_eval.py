@@ -19,6 +19,11 @@ from acgraph.organism.evaluate import encode
 from .detect import Detectors, auroc, fit_probe, tpr_at_fpr
 
 BOS = "<bos>"
+# Trusted documents a detector is fitted on by default. Chosen on the validation stream
+# (bench/detect/validate_docs.py): the trusted ranges are extremes, so they need enough text to
+# cover rare legitimate drivers; the variant organism needed 2048 (AUROC 0.997 at 1024, 1.000 at
+# 2048 and 4096), the shipped one 256.
+TRUSTED_DOCS = 2048
 
 
 def trusted_batches(
@@ -172,8 +177,9 @@ def evaluate_detectors(
         )
         victims = [e for e, f in zip(cands, fires.tolist(), strict=True) if f][:attack_n]
         under: dict[str, dict] = {}
-        # the per-layer Mahalanobis rows are attacked through their sum ("mahalanobis")
-        for name in [n for n in det.names() if not n.startswith("mahalanobis-")]:
+        # every row is attacked on its own score, the per-layer Mahalanobis rows included: an
+        # attacker who knows which layer is watched optimizes against that layer
+        for name in det.names():
             adv = attack(
                 det,
                 det.score_fn(name),
