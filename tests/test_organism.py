@@ -3,6 +3,7 @@ resumes exactly, and the shipped model meets its targets."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
@@ -159,3 +160,14 @@ def test_cli_eval_bad_model_dir_is_one_line(tmp_path, capsys):
     assert main(["organism", "eval", "--model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "organism" in err[0]
+
+
+def test_cli_train_threads_set_the_recipe_and_are_checked(tmp_path, capsys):
+    from acgraph.cli.organism import _config
+
+    args = argparse.Namespace(seed=None, trigger=None, payload=None, poison_rate=None,
+                              steps=None, threads=3)  # fmt: skip
+    assert _config(args).train.threads == 3
+    assert main(["organism", "train", "--out", str(tmp_path / "m"), "--threads", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--threads" in err[0]

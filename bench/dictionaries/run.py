@@ -91,6 +91,7 @@ def train_ours(
     save_dir: Path | None,
     bf16: bool = False,
     bf16_weights: bool = False,
+    forward: str = "lean",
 ) -> dict[str, Any]:
     """Train ONE acgraph dictionary on the shared inputs and return the benchmark record.
 
@@ -144,6 +145,7 @@ def train_ours(
         seed=seed,
         progress=True,
         model_autocast="bfloat16" if bf16 else None,
+        model_forward=forward,
     )
     t1 = time.perf_counter()
     result = train_dictionaries(
@@ -190,6 +192,7 @@ def train_ours(
         "lr_warmup_steps": warmup_steps,
         "buffer_tokens": buffer_tokens,
         "model_autocast": tcfg.model_autocast,
+        "model_forward": tcfg.model_forward,
         "model_dtype": str(next(model.parameters()).dtype),
         "context_size": int(meta["context_size"]),
         "train_seconds": train_s,
@@ -233,6 +236,7 @@ def _worker(argv: list[str]) -> int:
     p.add_argument("--decay-fraction", type=float, required=True)
     p.add_argument("--bf16", action="store_true", help="model forward under bf16 autocast")
     p.add_argument("--bf16-weights", action="store_true", help="model weights in bf16")
+    p.add_argument("--forward", default="lean", help="acgraph's model forward")
     p.add_argument("--save-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
@@ -259,6 +263,7 @@ def _worker(argv: list[str]) -> int:
         save_dir=a.save_dir,
         bf16=a.bf16,
         bf16_weights=a.bf16_weights,
+        forward=a.forward,
     )
     record["wall_seconds"] = time.perf_counter() - t
     record["environment"]["argv"] = sys.argv
@@ -401,6 +406,8 @@ def commands(
         str(a.model_batch),
         "--decay-fraction",
         str(a.decay_fraction),
+        "--forward",
+        a.forward,
         "--save-dir",
         str(run_dir / name),
         "--out",
@@ -461,6 +468,7 @@ def summarize(
         "torch_threads": a.threads,
         **({"bf16_autocast": True} if a.bf16 else {}),
         **({"bf16_weights": True} if a.bf16_weights else {}),
+        "acgraph_forward": a.forward,
         "seed": a.seed,
         "context_size": meta["context_size"],
         "corpus": meta["corpus_description"],
@@ -527,6 +535,12 @@ def bench_main(argv: list[str]) -> int:
         help="the model itself in bf16 (no autocast): SAELens and acgraph only (sparsify "
         "feeds a bf16 model's outputs to its coder only under its coder autocast, --bf16)",
     )
+    p.add_argument(
+        "--forward",
+        choices=["lean", "compiled", "transformer_lens"],
+        default="lean",
+        help="acgraph's model forward (acg train --forward); the peers run their own",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=3600, help="seconds per trainer run")
     p.add_argument("--remake-inputs", action="store_true")
@@ -586,6 +600,7 @@ def _suffix(a: argparse.Namespace) -> str:
         ("" if a.threads == 2 else f"_threads{a.threads}")
         + ("_bf16" if a.bf16 else "")
         + ("_bf16w" if a.bf16_weights else "")
+        + ("" if a.forward == "lean" else f"_{a.forward}")
     )
 
 

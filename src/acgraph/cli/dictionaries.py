@@ -79,8 +79,17 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
         choices=["float32", "bfloat16"],
         default="float32",
         help="load the model's weights in this dtype for the forward (activations only; "
-        "dictionaries train in fp32). bfloat16 skips autocast's per-op casts: about 18%% faster "
-        "than --model-autocast on SmolLM2, with a bf16 residual stream",
+        "dictionaries train in fp32). bfloat16: bf16 matmuls without autocast's per-op casts; "
+        "the lean forward keeps the residual stream in fp32",
+    )
+    p.add_argument(
+        "--forward",
+        choices=["lean", "compiled", "transformer_lens"],
+        default="lean",
+        help="how the model runs: lean (the same hook values as TransformerLens, faster; falls "
+        "back to TransformerLens for hooks or architectures it does not cover), compiled (the "
+        "lean forward under torch.compile: ~30 s to compile, then about 2x faster again; for "
+        "long runs), transformer_lens (default: lean)",
     )
     p.add_argument("--l1", type=float, default=1e-3, help="ReLU L1 coefficient")
     p.add_argument("--l0", type=float, default=1e-3, help="JumpReLU L0 coefficient")
@@ -249,6 +258,7 @@ def _train(args: argparse.Namespace) -> int:
         b_dec_init=args.b_dec_init,
         max_grad_norm=args.max_grad_norm or None,
         model_autocast=args.model_autocast,
+        model_forward=args.forward,
     )
     result = train_dictionaries(
         model, tokens, configs, out, train_cfg, resume=args.resume, shard_dir=args.shards

@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, type=Path, help="output model folder")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     t.add_argument("--steps", type=int, help="training steps (default: the shipped recipe)")
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: the recipe's 2)")
     t.add_argument("--no-progress", action="store_true")
     _backdoor_args(t)
     t.set_defaults(func=cmd_train)
@@ -62,6 +63,10 @@ def _config(args: argparse.Namespace):
         if args.steps < 1:
             raise ConfigError("--steps must be positive")
         cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise ConfigError("--threads must be positive")
+        cfg = replace(cfg, train=replace(cfg.train, threads=args.threads))
     cfg.language.validate()
     return cfg
 
@@ -84,6 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = args.out / "run"
     if args.resume and (run_dir / "checkpoint.json").exists():
         cfg = load_config_from_run(run_dir) if not _any_override(args) else cfg
+        if args.threads is not None:  # speed only: resuming on other threads is allowed
+            cfg = replace(cfg, train=replace(cfg.train, threads=args.threads))
     model = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
     save_organism(model, cfg, args.out)
     report = evaluate(hf_logits_fn(model), load_config(args.out)).to_dict()

@@ -49,6 +49,7 @@ from acgraph.io import atomic_save_tensors, atomic_write_json, load_tensors, rea
 
 from .activation_stream import (
     AUTOCAST_DTYPES,
+    FORWARDS,
     ActivationStream,
     StreamPosition,
     special_token_ids,
@@ -77,6 +78,9 @@ class TrainConfig:
     # run the model forward (activations only; dictionaries train in fp32) under autocast to
     # this dtype, as SAELens's `autocast_lm`: "bfloat16" or None (fp32)
     model_autocast: str | None = None
+    # "lean" (exact, faster than TransformerLens), "compiled" or "transformer_lens"; how the
+    # forward runs, not what it computes, so a run may resume under another one
+    model_forward: str = "lean"
     checkpoint_every: int = 500  # steps; 0: only at the end
     seed: int = 0
     b_dec_init: str = "mean"
@@ -104,6 +108,10 @@ class TrainConfig:
             raise ConfigError(
                 f"model_autocast must be one of {sorted(AUTOCAST_DTYPES, key=str)}, "
                 f"got {self.model_autocast!r}"
+            )
+        if self.model_forward not in FORWARDS:
+            raise ConfigError(
+                f"model_forward must be one of {FORWARDS}, got {self.model_forward!r}"
             )
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
 
@@ -589,6 +597,7 @@ def train_dictionaries(
         shard_dir=shard_dir,
         device=device,
         autocast=AUTOCAST_DTYPES[train_cfg.model_autocast],
+        forward=train_cfg.model_forward,
     )
     _check_widths(model, tokens, configs)
     states = [_DictState(m, train_cfg) for m in modules]
@@ -731,7 +740,7 @@ def _model_dtype(model: Any) -> str:
 
 def _resume_key(cfg: TrainConfig) -> dict[str, Any]:
     d = cfg.to_dict()
-    for volatile in ("progress", "log_every", "checkpoint_every"):
+    for volatile in ("progress", "log_every", "checkpoint_every", "model_forward"):
         d.pop(volatile)
     return d
 
