@@ -78,3 +78,11 @@ def test_bf16_weights_keep_an_fp32_residual(organism):
     lean_err = float((lean - ref).norm() / ref.norm())
     assert lean.dtype == torch.float32 and 0 < lean_err < 2e-2
     assert lean_err < float((tl - ref).norm() / ref.norm())
+
+
+def test_autocast_and_the_compiled_forward_are_refused_together():
+    from acgraph.dictionaries import TrainConfig
+
+    with pytest.raises(ConfigError, match="--model-dtype"):
+        TrainConfig(total_tokens=4096, model_autocast="bfloat16", model_forward="compiled")
+    assert TrainConfig(total_tokens=4096, model_autocast="bfloat16").model_forward == "lean"

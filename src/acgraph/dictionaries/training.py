@@ -113,6 +113,11 @@ class TrainConfig:
             raise ConfigError(
                 f"model_forward must be one of {FORWARDS}, got {self.model_forward!r}"
             )
+        if self.model_autocast is not None and self.model_forward == "compiled":
+            raise ConfigError(
+                "model_autocast runs TransformerLens under autocast, not the compiled forward; "
+                "for bf16 with the compiled forward load the model in bf16 (--model-dtype)"
+            )
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
 
     @property
