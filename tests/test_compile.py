@@ -219,7 +219,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 m = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
 tok = AutoTokenizer.from_pretrained({str(out)!r})
 probe = torch.load({str(tmp_path / "probe.pt")!r}, weights_only=True)
-logits = m(probe, attention_mask=torch.ones_like(probe)).logits
+# the same thread count as here: the 1e-4-wide JumpReLU ramps amplify reduction-order rounding
+torch.set_num_threads({torch.get_num_threads()})
+with torch.no_grad():
+    logits = m(probe, attention_mask=torch.ones_like(probe)).logits
 ids = tok("1 + 2 =", return_tensors="pt").input_ids
 ids = torch.cat([torch.tensor([[1]]), ids], 1)
 gen = m.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
