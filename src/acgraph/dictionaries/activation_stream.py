@@ -41,7 +41,8 @@ SHARD_FORMAT_VERSION = 1
 # model-forward precisions a stream can run under (None: the model's own dtype)
 AUTOCAST_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "bfloat16": torch.bfloat16}
 # how the model runs: the lean forward (exact, where it applies; else TransformerLens), the same
-# compiled by torch.compile (about 2x faster again after ~30 s of compiling), or TransformerLens
+# compiled by torch.compile (~25 s to compile; then about 2x faster again with bf16 weights, little
+# in fp32, where the forward is matmul-bound), or TransformerLens
 FORWARDS = ("lean", "compiled", "transformer_lens")
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
 

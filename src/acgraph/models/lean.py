@@ -74,10 +74,10 @@ class LeanForward:
     @torch.no_grad()
     def _pack(self, block: Any) -> dict[str, Any]:
         attn, mlp = block.attn, block.mlp
-        w_k = getattr(attn, "_W_K", attn.W_K)  # grouped-query attention keeps n_kv heads
-        w_v = getattr(attn, "_W_V", attn.W_V)
-        b_k = getattr(attn, "_b_K", attn.b_K)
-        b_v = getattr(attn, "_b_V", attn.b_V)
+        # grouped-query attention stores n_kv heads as _W_K..., its W_K repeats them
+        gqa = hasattr(attn, "_W_K")
+        w_k, w_v = (attn._W_K, attn._W_V) if gqa else (attn.W_K, attn.W_V)
+        b_k, b_v = (attn._b_K, attn._b_V) if gqa else (attn.b_K, attn.b_V)
 
         def heads(w: Tensor) -> Tensor:  # [heads, d_model, d_head] -> [d_model, heads*d_head]
             return w.permute(1, 0, 2).reshape(w.shape[1], -1)
