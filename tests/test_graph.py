@@ -132,6 +132,41 @@ def test_all_edges_compute_the_same_features_as_the_dense_graph(case):
     assert close(by_edges.logits, spliced_logits(model, tcs, toks)) < TOL
 
 
+def test_weights_of_chosen_sources_are_rows_of_the_full_matrix(case):
+    """Ranking forms weights only for sources seen in the statistics: those rows (bias slot
+    included, any order) equal the full matrix's, for every kind of channel."""
+    _, _, weights = case
+    layer = weights.layout.n_layers - 1
+    gen = torch.Generator().manual_seed(0)
+    for channel in weights.layout.channels(layer):
+        full = weights.channel_weights(channel, layer)
+        rows = torch.randperm(full.shape[0], generator=gen)[:7]
+        rows[0] = full.shape[0] - 1  # the channel-bias slot
+        assert close(weights.channel_weights(channel, layer, rows), full[rows]) < TOL
+
+
+def test_statistics_of_unseen_tokens_are_zero_and_of_seen_ones_exact(case):
+    """Statistics are gathered over the tokens a batch holds; every other token's are zero,
+    and the rest equal a direct computation over all slots."""
+    from acgraph.graph.stats import collect_stats
+
+    _, _, weights = case
+    toks = tokens(n=3, vocab=20, seed=5)  # ids < 20 of the vocabulary of 40+
+    acg = ACGModel(weights)
+    stats = collect_stats(acg, [toks], qk=False, progress=False)
+    layer = weights.layout.n_layers - 1
+    trace = acg.run(toks)
+    w = trace.s2[layer][:, 1:, None]
+    for c, channel in enumerate(weights.layout.channels(layer)):
+        slots = torch.arange(weights.layout.channel_size(channel))
+        g = (acg.gated(trace, channel, slots)[:, 1:] / w).flatten(0, 1)
+        assert close(stats.mean_abs[(layer, c)], g.abs().mean(0)) < TOL
+        assert close(stats.mean_sq[(layer, c)], g.pow(2).mean(0)) < TOL
+        unseen = torch.ones(weights.layout.d_vocab, dtype=torch.bool)
+        unseen[toks.unique()] = False
+        assert float(stats.mean_abs[(layer, c)][: weights.layout.d_vocab][unseen].abs().max()) == 0
+
+
 def test_scale_nodes_come_from_the_graph_residual_not_the_model(case):
     model, tcs, weights = case
     toks = tokens(seed=4)
@@ -298,3 +333,21 @@ def test_fitted_weights_fit_layer0_better_than_virtual_ones(organism_graph):
     assert sse[1] < 0.97 * sse[0]  # measured 0.92
     with pytest.raises(ConfigError, match="no fitted weights"):
         graph.model(k=8, fit=True)
+
+
+def test_greedy_selection_passes_over_a_redundant_candidate():
+    """Fitted formulas choose edges by forward selection: of two nearly identical candidates
+    only one is taken, and the next pick is the column that explains what is left."""
+    from acgraph.graph.refit import _greedy, _regularized, _solve_subset
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 5, generator=gen, dtype=torch.float64)
+    x[:, 1] = x[:, 0] + 0.01 * torch.randn(500, generator=gen, dtype=torch.float64)
+    y = 3 * x[:, 0] + 1.0 * x[:, 3] + 0.5
+    design = torch.cat([x, torch.ones(500, 1, dtype=torch.float64)], 1)
+    a, b = (design.T @ design)[None], (design.T @ y)[None]
+    picked = _greedy(_regularized(a, 0.0), b, 2)
+    assert picked[0, 0].item() in (0, 1) and picked[0, 1].item() == 3
+    w, bias = _solve_subset(a, b, torch.tensor([[0, 3]]))
+    assert torch.allclose(w, torch.tensor([[3.0, 1.0]], dtype=torch.float64))
+    assert abs(bias.item() - 0.5) < 1e-9

@@ -126,6 +126,7 @@ def main() -> None:
             "acgraph": best["acgraph"],
             "circuit_tracer": best["circuit-tracer"],
             "all_seconds": {k: [r.get("seconds") for r in v] for k, v in runs.items()},
+            "all_peak_rss_mb": {k: [r.get("peak_rss_mb") for r in v] for k, v in runs.items()},
         }
         if "seconds" in best["acgraph"] and "seconds" in best["circuit-tracer"]:
             a, c = best["acgraph"], best["circuit-tracer"]

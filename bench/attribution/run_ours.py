@@ -2,7 +2,7 @@
 peak RSS belongs to that graph).
 
     .venv/bin/python bench/attribution/run_ours.py --data bench/peers/data/attribution \
-        --length 64 --out /tmp/ours_64 [--model organism|organism_ctx256] [--batch-size 256]
+        --length 64 --out /tmp/ours_64 [--model organism|organism_ctx256] [--batch-size 64]
 
 Writes ``graph.safetensors`` (acgraph's compact form) and ``result.json`` (wall time of
 ``attribute()``, peak RSS before/after, nodes, edges).
@@ -20,6 +20,14 @@ import torch
 
 
 def rss_mb() -> float:
+    """Peak RSS of this program (MB): VmHWM. Not ru_maxrss, which on Linux keeps the parent's
+    resident set at the fork across the exec (the driver's ~650 MB once it has compared graphs)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -28,7 +36,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--length", type=int, required=True)
     p.add_argument("--model", default=None)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=64, help="attribute()'s default")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--no-save", action="store_true", help="write result.json only (no graph)")

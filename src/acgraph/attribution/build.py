@@ -30,6 +30,9 @@ from .graph import AttributionGraph, Target
 from .targets import TargetSpec, make_targets
 from .transcoders import TranscoderSet, load_transcoders
 
+# elements of one [positions, rows, Fmax] feature-contraction product (bounds the temporary)
+_CONTRACT_ELEMS = 1 << 18
+
 
 @dataclass
 class Sources:
@@ -122,14 +125,16 @@ def attribute(
     targets: list[TargetSpec] | None = None,
     max_n_logits: int = 10,
     desired_logit_prob: float = 0.95,
-    batch_size: int = 256,
+    batch_size: int = 64,
     zero_first_position: bool = True,
     verbose: bool = False,
 ) -> AttributionGraph:
     """The unpruned attribution graph of ``prompt`` (see the module doc).
 
     ``transcoders``: anything :func:`~.transcoders.load_transcoders` accepts. ``targets``:
-    None (salient logits) or a list of target specs (:mod:`.targets`).
+    None (salient logits) or a list of target specs (:mod:`.targets`). ``batch_size``: backward
+    rows per batch; 64 is faster and lighter than 256 on CPU at every length we measured
+    (docs/benchmarks.md, Attribution); larger batches may suit a GPU.
     """
     t0 = time.perf_counter()
     ts = load_transcoders(transcoders, model)
@@ -216,22 +221,33 @@ def _assemble(
                     lay_e,
                     pos_e,
                 )
-            g = lin.skip_back(layer, g)
+            # g is this loop's own buffer: the backward steps overwrite it
+            g = lin.skip_back(layer, g, inplace=True)
             _seed(g, rows, b_layer, b_pos, layer, src, seeds, lin, F)
-            g = lin.attn_back(layer, g)
+            g = lin.attn_back(layer, g, inplace=True)
         tok_vecs = lin.W_E[cap.tokens[:m]]
-        blk_t = torch.einsum("bmd,md->bm", g, tok_vecs)
+        blocks_t = torch.einsum("bmd,md->bm", g, tok_vecs)
+        del g
         # columns in node order: features by layer (ascending), errors by layer, tokens
-        vals = torch.cat([*blocks_f[::-1], *blocks_e[::-1], blk_t], dim=1)
+        vals = torch.cat([*blocks_f[::-1], *blocks_e[::-1], blocks_t], dim=1)
+        del blocks_f, blocks_e, blocks_t
         cols = torch.cat([*cols_f[::-1], *cols_e[::-1], tok0 + torch.arange(m, device=dev)])
         c_layer = torch.cat([*lay_f[::-1], *lay_e[::-1], torch.full((m,), -1, device=dev)])
         c_pos = torch.cat([*pos_f[::-1], *pos_e[::-1], torch.arange(m, device=dev)])
-        mask = (c_layer[None] < b_layer[:, None]) & (c_pos[None] <= b_pos[:, None])
+        mask = c_layer[None] < b_layer[:, None]
+        mask &= c_pos[None] <= b_pos[:, None]
         lo, hi = int(crow[start]), int(crow[start + B])
         if int(mask.sum()) != hi - lo:  # the up-front count and the mask must agree
             raise RuntimeError("attribution: row sizes disagree with the precomputed CSR")
-        val[lo:hi] = vals[mask].float().cpu()
-        col[lo:hi] = cols.to(torch.int32).expand(B, -1)[mask].cpu()
+        cols = cols.to(torch.int32)
+        if vals.device.type == "cpu" and vals.dtype == torch.float32:
+            # straight into the CSR slices (no [nnz]-sized temporaries; cols broadcast over rows)
+            torch.masked_select(vals, mask, out=val[lo:hi])
+            torch.masked_select(cols, mask, out=col[lo:hi])
+        else:
+            val[lo:hi] = vals[mask].float().cpu()
+            col[lo:hi] = cols.expand(B, -1)[mask].cpu()
+        del vals, mask
         bar.update(B)
     bar.close()
     # error and token rows have no incoming edges: insert empty rows between features/targets
@@ -270,13 +286,24 @@ def _contract(
     """Edges from ``layer``'s sources: ``g`` is the gradient at resid_post[layer]."""
     B, dev = g.shape[0], g.device
     pv, pc = src.pad_vecs[layer][:m], src.pad_cols[layer][:m]
-    if pc.shape[1]:
-        e = torch.bmm(g.transpose(0, 1), pv.transpose(1, 2)).transpose(0, 1)  # [B, m, Fmax]
-        keep = (pc >= 0).reshape(-1)
-        blocks_f.append(e.reshape(B, -1)[:, keep])
-        cols_f.append(pc.reshape(-1)[keep])
-        lay_f.append(torch.full((int(keep.sum()),), layer, device=dev))
-        pos_f.append(torch.arange(m, device=dev).repeat_interleave(pc.shape[1])[keep])
+    fmax = pc.shape[1]
+    if fmax:
+        # [m, B, Fmax] products are mostly padding when one position has many more active
+        # features than the rest: a few positions at a time (each position's product is its
+        # own matmul either way), keeping only the real (position, slot) pairs, in node order
+        step = max(1, _CONTRACT_ELEMS // (B * fmax))
+        parts = []
+        for p0 in range(0, m, step):
+            e = torch.bmm(g[:, p0 : p0 + step].transpose(0, 1), pv[p0 : p0 + step].transpose(1, 2))
+            p, s = (pc[p0 : p0 + step] >= 0).nonzero(as_tuple=True)
+            parts.append(e.transpose(0, 1)[:, p, s])  # [B, kept]
+            del e
+        blocks_f.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+        del parts
+        p, s = (pc >= 0).nonzero(as_tuple=True)
+        cols_f.append(pc[p, s])
+        lay_f.append(torch.full((p.shape[0],), layer, device=dev))
+        pos_f.append(p)
     blocks_e.append(torch.einsum("bmd,md->bm", g, src.errors[layer, :m]))
     cols_e.append(err0 + layer * n + torch.arange(m, device=dev))
     lay_e.append(torch.full((m,), layer, device=dev))

@@ -112,6 +112,10 @@ class LinearizedModel:
     def _c(self, v: Tensor) -> Tensor:
         return v - v.mean(-1, keepdim=True) if self.center else v
 
+    def _c_(self, v: Tensor) -> Tensor:
+        """:meth:`_c` in place (``v`` is a temporary of the caller's)."""
+        return v.sub_(v.mean(-1, keepdim=True)) if self.center else v
+
     # ------------------------------------------------------------ seeds
 
     def tc_input_to_mid(self, layer: int, pos: Tensor, vecs: Tensor) -> Tensor:
@@ -125,21 +129,27 @@ class LinearizedModel:
         return self._c(vecs * self.lnf_w) / self.cap.lnf_scale[pos][:, None]
 
     # ------------------------------------------------------------ blocks
+    # The elementwise steps run in place on fresh temporaries (and on ``g`` itself with
+    # ``inplace=True``): the same operations in the same order, so the same bits, with fewer
+    # [B, m, d] buffers alive and allocated per batch.
 
-    def skip_back(self, layer: int, g: Tensor) -> Tensor:
-        """resid_post -> resid_mid: identity plus the transcoder's skip path."""
+    def skip_back(self, layer: int, g: Tensor, inplace: bool = False) -> Tensor:
+        """resid_post -> resid_mid: identity plus the transcoder's skip path (``inplace``:
+        ``g`` is overwritten with the result)."""
         w = self.W_skip[layer]
         if w is None:
             return g
         m = g.shape[1]
         s = g @ w
         if self.input_normalized:
-            s = self._c(s) / self.cap.ln2_scale[layer, :m, None]
-        return g + s
+            s = self._c_(s).div_(self.cap.ln2_scale[layer, :m, None])
+        return g.add_(s) if inplace else g + s
 
-    def attn_back(self, layer: int, g: Tensor) -> Tensor:
-        """resid_mid -> resid_pre: identity plus every head's OV path under the frozen pattern."""
-        return g + self.attn_term(layer, g)
+    def attn_back(self, layer: int, g: Tensor, inplace: bool = False) -> Tensor:
+        """resid_mid -> resid_pre: identity plus every head's OV path under the frozen pattern
+        (``inplace``: ``g`` is overwritten with the result)."""
+        a = self.attn_term(layer, g)
+        return g.add_(a) if inplace else g + a
 
     def attn_term(self, layer: int, g: Tensor, heads: Tensor | None = None) -> Tensor:
         """The attention part of :meth:`attn_back` (restricted to ``heads`` when given)."""
@@ -148,16 +158,17 @@ class LinearizedModel:
         W_O, W_V = self.W_O[layer], self.W_V[layer]
         if heads is not None:
             A, W_O, W_V = A[heads], W_O[heads], W_V[heads]
-        go = torch.einsum("btd,hed->bthe", g, W_O)
-        gv = torch.einsum("htu,bthe->buhe", A, go)
-        gn = torch.einsum("buhe,hde->bud", gv, W_V) * self.ln1_w[layer]
-        return self._c(gn) / self.cap.ln1_scale[layer, :m, None]
+        gv = torch.einsum("htu,bthe->buhe", A, torch.einsum("btd,hed->bthe", g, W_O))
+        gn = torch.einsum("buhe,hde->bud", gv, W_V)
+        del gv
+        return self._c_(gn.mul_(self.ln1_w[layer])).div_(self.cap.ln1_scale[layer, :m, None])
 
     def attn_term_per_head(self, layer: int, g: Tensor) -> Tensor:
         """Per-head attention parts ``[H, B, m, d]`` (they sum to :meth:`attn_term`)."""
         m = g.shape[1]
         A = self.cap.patterns[layer][:, :m, :m]
-        go = torch.einsum("btd,hed->bthe", g, self.W_O[layer])
-        gv = torch.einsum("htu,bthe->buhe", A, go)
-        gn = torch.einsum("buhe,hde->hbud", gv, self.W_V[layer]) * self.ln1_w[layer]
-        return self._c(gn) / self.cap.ln1_scale[layer, None, :m, None]
+        gv = torch.einsum("htu,bthe->buhe", A, torch.einsum("btd,hed->bthe", g, self.W_O[layer]))
+        gn = torch.einsum("buhe,hde->hbud", gv, self.W_V[layer])
+        del gv
+        gn = self._c_(gn.mul_(self.ln1_w[layer]))
+        return gn.div_(self.cap.ln1_scale[layer, None, :m, None])

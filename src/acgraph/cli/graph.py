@@ -38,6 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="8,32,64",
         help="k values to fit least-squares formulas for ('' for none; default 8,32,64)",
     )
+    p.add_argument(
+        "--fit-pool",
+        type=int,
+        default=4,
+        help="fitted formulas choose their k edges greedily from the top POOL*k ranked ones, "
+        "at most --max-k (4; 1: the top k)",
+    )
     _common(p)
     p.set_defaults(func=cmd_build)
 
@@ -157,6 +164,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         max_pairs=args.max_pairs,
         qk=not args.no_qk,
         fit_ks=fit_ks,
+        fit_pool=args.fit_pool,
         meta={"model": model_spec, "transcoders": tc_spec, "corpus": corpus, "seed": args.seed},
     )
     sizes = graph.save(out)

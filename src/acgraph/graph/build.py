@@ -8,7 +8,7 @@ workspace's ``acg/`` folder)::
     manifest.json        format version, model and transcoder specs, layout, settings, sizes
     edges.safetensors    per layer ``L{l}.index|weight|mean|importance|total_mean``,
                          per head ``L{l}H{h}.q|k|weight|importance|query_vec|mean_q``
-                         per fitted k ``fit{k}.L{l}.weight|bias`` (least-squares formulas)
+                         per fitted k ``fit{k}.L{l}.index|weight|bias`` (fitted formulas)
     stats.safetensors    E[G/s], E[|G|/s], E[(G/s)²] per (layer, channel, source)
 """
 
@@ -28,7 +28,7 @@ from acgraph.io import atomic_save_tensors, atomic_write_json, load_tensors, rea
 
 from .forward import ACGModel
 from .prune import RankedEdges, RankedPairs, rank_edges, rank_pairs, select_edges, select_pairs
-from .refit import fit_edges, fitted_layer_edges
+from .refit import FittedLayer, fit_edges, fitted_layer_edges
 from .stats import EdgeStats, collect_stats
 from .weights import ModelWeights
 
@@ -61,7 +61,7 @@ class ACGraph:
     pairs: dict[int, dict[int, RankedPairs]]
     stats: EdgeStats
     meta: dict[str, Any]
-    fitted: dict[int, dict[int, tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    fitted: dict[int, dict[int, FittedLayer]] = field(default_factory=dict)
 
     @property
     def layout(self):
@@ -87,8 +87,8 @@ class ACGraph:
                         f"no fitted weights for k={k} (fitted: {sorted(self.fitted)})"
                     )
                 edges = {
-                    i: fitted_layer_edges(self.weights, self.edges[i], i, *wb)
-                    for i, wb in self.fitted[k].items()
+                    i: fitted_layer_edges(self.weights, self.edges[i], i, f)
+                    for i, f in self.fitted[k].items()
                 }
             else:
                 edges = {i: select_edges(self.weights, r, i, k) for i, r in self.edges.items()}
@@ -119,9 +119,9 @@ class ACGraph:
                     tensors[f"L{layer}H{h}.{name}"] = getattr(p, name)
                 tensors[f"L{layer}H{h}.mean_q"] = p.mean_q.clone()  # shared per layer
         for k, layers in self.fitted.items():
-            for layer, (w, b) in layers.items():
-                tensors[f"fit{k}.L{layer}.weight"] = w
-                tensors[f"fit{k}.L{layer}.bias"] = b
+            for layer, f in layers.items():
+                for name in ("index", "weight", "bias"):
+                    tensors[f"fit{k}.L{layer}.{name}"] = getattr(f, name)
         edges_path = atomic_save_tensors(folder / "edges.safetensors", tensors)
         stats_path = atomic_save_tensors(folder / "stats.safetensors", self.stats.tensors())
         sizes = {
@@ -143,13 +143,17 @@ def build_acg(
     max_pairs: int = 16384,
     qk: bool = True,
     fit_ks: Sequence[int] = (),
+    fit_pool: int = 4,
     meta: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> ACGraph:
     """Collect statistics on ``batches`` (token tensors starting with BOS), rank edges, and fit
-    least-squares weights for every k in ``fit_ks`` (each <= ``max_k``)."""
+    formulas for every k in ``fit_ks`` (each <= ``max_k``): k edges chosen greedily from the top
+    ``fit_pool``·k ranked ones (at most ``max_k``; 1: the top k), least-squares weights."""
     if max_k < 1:
         raise ConfigError(f"max_k must be at least 1, got {max_k}")
+    if fit_pool < 1:
+        raise ConfigError(f"fit_pool must be at least 1, got {fit_pool}")
     if any(not 1 <= k <= max_k for k in fit_ks):
         raise ConfigError(f"every fitted k must be in 1..max_k={max_k}, got {list(fit_ks)}")
     if qk and model.cfg.positional_embedding_type == "rotary":
@@ -171,7 +175,9 @@ def build_acg(
                 for h in range(weights.layout.n_heads)
             }
     fitted = {
-        k: fit_edges(weights, edges, batches, k, pad_token_id=pad, progress=progress)
+        k: fit_edges(
+            weights, edges, batches, k, pool=fit_pool * k, pad_token_id=pad, progress=progress
+        )
         for k in sorted(set(fit_ks))
     }
     info = {
@@ -180,6 +186,7 @@ def build_acg(
         "max_k": max_k,
         "max_pairs": max_pairs if qk else 0,
         "fit_ks": sorted(fitted),
+        "fit_pool": fit_pool,
         "bos_token_id": bos,
         "stats_positions": stats.n_positions,
         "stats_contexts": sum(int(b.shape[0]) for b in batches),
@@ -240,7 +247,11 @@ def load_acg(folder: str | Path, model: Any, transcoders: dict[int, Any]) -> ACG
     )
     fitted = {
         int(k): {
-            layer: (t[f"fit{k}.L{layer}.weight"], t[f"fit{k}.L{layer}.bias"])
+            layer: FittedLayer(
+                t.get(f"fit{k}.L{layer}.index", edges[layer].index[:, : int(k)]),
+                t[f"fit{k}.L{layer}.weight"],
+                t[f"fit{k}.L{layer}.bias"],
+            )
             for layer in range(weights.layout.n_layers)
         }
         for k in meta.get("fit_ks", [])

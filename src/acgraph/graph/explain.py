@@ -106,7 +106,7 @@ def _r2(graph: ACGraph, layer: int, feature: int, terms: list[dict], batches, ks
     sse = {k: 0.0 for k in ks}
     true_all = []
     for tokens in batches:
-        trace = acg.run(tokens)
+        trace = acg.run(tokens, until=layer)
         mask = torch.ones_like(trace.tokens, dtype=torch.bool)
         mask[:, 0] = False
         if pad is not None:

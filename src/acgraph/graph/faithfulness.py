@@ -125,6 +125,7 @@ def measure_faithfulness(
         "ce_mean_ablation": ce_base,
         "kl_mean_ablation": base.result()["kl"],
         "top1_mean_ablation": base.result()["top1_agreement"],
+        "fit_pool": graph.meta.get("fit_pool", 1) if graph.fitted else None,
         "rows": rows,
     }
     if organism_cfg is not None:
@@ -185,7 +186,9 @@ def format_faithfulness(report: dict[str, Any]) -> str:
         names = " ".join(report["organism_original"]["domains"])
         lines.append(f"domains: {names}; ASR = backdoor attack success rate")
     if any(r.get("fitted") for r in report["rows"]):
-        lines.append("2f/3f: the same kept edges with least-squares fitted weights")
+        pool = report.get("fit_pool")
+        chosen = f"chosen greedily from the top {pool}·k ranked" if pool and pool > 1 else "top k"
+        lines.append(f"2f/3f: fitted formulas (k in-edges {chosen}, least-squares weights)")
     return "\n".join(lines)
 
 

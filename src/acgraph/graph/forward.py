@@ -126,14 +126,18 @@ class ACGModel:
         keep_resid: bool = False,
         replace: Replacement | None = None,
         grad: bool = False,
+        until: int | None = None,
     ) -> Trace:
         """Every node value of one run. ``replace`` substitutes node values as they are
         computed; ``grad`` keeps autograd on (for gradients with respect to substituted
-        values)."""
+        values); ``until`` stops once that graph layer's features are computed (no logits:
+        statistics and fitting need nothing above it)."""
         with torch.set_grad_enabled(grad):
-            return self._run(tokens, keep_resid, replace or Replacement())
+            return self._run(tokens, keep_resid, replace or Replacement(), until)
 
-    def _run(self, tokens: Tensor, keep_resid: bool, replace: Replacement) -> Trace:
+    def _run(
+        self, tokens: Tensor, keep_resid: bool, replace: Replacement, until: int | None
+    ) -> Trace:
         tokens = self._check_tokens(tokens)
         w, model = self.w, self.w.model
         B, T = tokens.shape
@@ -182,6 +186,8 @@ class ACGModel:
             trace.pre.append(pre)
             trace.acts.append(acts)
             trace.skip.append(skip)
+            if layer == until:
+                return trace
             out = acts @ tc.W_dec + tc.b_dec + (skip if skip is not None else 0)
             x = self._pin_bos(x + replace.mlp_out(layer, out, trace), 2 * layer + 2)
         for block in model.blocks[self.layout.n_layers :]:

@@ -65,21 +65,28 @@ def rank_edges(
     if ranking not in RANKINGS:
         raise ConfigError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
     channels = weights.layout.channels(layer)
+    # Sources never active on the statistics corpus (most of a large vocabulary) have zero
+    # score and zero mean contribution: their weights are not even formed, unless too few
+    # sources were seen to fill max_k.
+    seen = [(stats.mean_abs[(layer, c)] > 0).nonzero()[:, 0] for c in range(len(channels))]
+    if sum(len(r) for r in seen) < max_k:
+        seen = [torch.arange(weights.layout.channel_size(ch)) for ch in channels]
     best_imp = best_idx = best_w = best_mean = None
     total = None
     offsets, offset = [], 0
     for c, channel in enumerate(channels):
-        W = weights.channel_weights(channel, layer)  # [n_slots, n_features]
-        mean = stats.mean[(layer, c)].to(W)
+        rows = seen[c]
+        W = weights.channel_weights(channel, layer, rows)  # [n_rows, n_features]
+        mean = stats.mean[(layer, c)][rows].to(W)
         spread = stats.std((layer, c)) if ranking == "std" else stats.mean_abs[(layer, c)]
-        imp = W.abs() * spread.to(W)[:, None]
+        imp = W.abs() * spread[rows].to(W)[:, None]
         contrib = W * mean[:, None]
         total = contrib.sum(0) if total is None else total + contrib.sum(0)
         kk = min(max_k, W.shape[0])
-        imp_top, rows = imp.topk(kk, dim=0)  # [kk, n_features]
-        idx = rows + offset
-        w_top = W.gather(0, rows)
-        m_top = contrib.gather(0, rows)
+        imp_top, top = imp.topk(kk, dim=0)  # [kk, n_features]
+        idx = rows.to(top)[top] + offset
+        w_top = W.gather(0, top)
+        m_top = contrib.gather(0, top)
         if best_imp is None:
             best_imp, best_idx, best_w, best_mean = imp_top, idx, w_top, m_top
         else:
@@ -90,7 +97,7 @@ def rank_edges(
             best_w = torch.cat([best_w, w_top]).gather(0, keep)
             best_mean = torch.cat([best_mean, m_top]).gather(0, keep)
         offsets.append(offset)
-        offset += W.shape[0]
+        offset += weights.layout.channel_size(channel)
     order = best_imp.argsort(0, descending=True)
     return RankedEdges(
         channels=channels,

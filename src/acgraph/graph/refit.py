@@ -1,17 +1,27 @@
-"""Fitted formulas: refit each feature's k kept in-edges by least squares (level 2 "fit").
+"""Fitted formulas: choose and refit each feature's k in-edges by least squares (level "2f").
 
 Mean folding keeps a pruned feature's average input, but the dropped edges' variation is lost,
-and much of it is correlated with edges that were kept. Here the kept edges' weights and the
-bias are refit (ridge least squares, float64) to predict the feature's level-1 pre-activation
-from the kept edges' contributions ``G/s`` on the statistics corpus. Layers are fitted in order,
-each on inputs from the already-fitted graph below it, so a layer learns to work with the
-features the pruned graph will actually give it. The result is still "Z = 3·A + 4·B" over the
-same parents; only the coefficients are effective rather than virtual weights.
+and much of it is correlated with edges that were kept. Here each feature's formula is fitted
+(ridge least squares, float64) to predict its level-1 pre-activation from in-edge contributions
+``G/s`` on the statistics corpus:
+
+- the candidates are the feature's top ``pool`` ranked edges (``pool >= k``);
+- k of them are chosen by greedy forward selection (each step adds the candidate that most
+  reduces the residual, given those already chosen), so a candidate that repeats what the
+  formula already has (a token through the direct path and again through a head that
+  attends to itself) is passed over for one that adds something; ``pool = k`` keeps the top k;
+- the chosen edges' weights and the bias are refit.
+
+Layers are fitted in order, each on inputs from the already-fitted graph below it, so a layer
+learns to work with the features the pruned graph will actually give it. The result is still
+"Z = 3·A + 4·B" over sources of the graph; only the coefficients are effective rather than
+virtual weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -21,53 +31,110 @@ from .forward import ACGModel, LayerEdges
 from .prune import RankedEdges, select_edges
 from .weights import ModelWeights
 
+#: entries of the per-batch design block [positions, features, pool + 1] built at once
+_BLOCK = 32_000_000
 
-def _kept(ranked: RankedEdges, k: int) -> tuple[Tensor, Tensor]:
-    """(channel number, slot) of each feature's top-k edges, both [n_features, k]."""
+
+@dataclass
+class FittedLayer:
+    """One layer's fitted formulas: ``index`` (candidate indices as in
+    :class:`RankedEdges`), ``weight`` [n_features, k] and ``bias`` [n_features]."""
+
+    index: Tensor
+    weight: Tensor
+    bias: Tensor
+
+
+def _split(ranked: RankedEdges, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """(channel number, slot) of candidate indices."""
     offsets = torch.tensor(ranked.offsets + [10**18])
-    idx = ranked.index[:, :k].contiguous()
-    chan = torch.bucketize(idx, offsets, right=True) - 1
+    chan = torch.bucketize(idx.contiguous(), offsets, right=True) - 1
     return chan, idx - offsets[chan]
 
 
 @torch.no_grad()
 def _normal_equations(
-    truth: ACGModel, below: ACGModel, ranked: RankedEdges, layer: int, k: int, batches, pad
+    truth: ACGModel, below: ACGModel, ranked: RankedEdges, layer: int, pool: int, batches, pad
 ) -> tuple[Tensor, Tensor]:
-    chan, slot = _kept(ranked, k)
+    """X'X [n_features, pool + 1, pool + 1] and X'y over the statistics corpus; the last
+    column of X is the intercept."""
+    chan, slot = _split(ranked, ranked.index[:, :pool])
     n_feat = chan.shape[0]
-    xtx = torch.zeros(n_feat, k + 1, k + 1, dtype=torch.float64)
-    xty = torch.zeros(n_feat, k + 1, dtype=torch.float64)
+    xtx = torch.zeros(n_feat, pool + 1, pool + 1, dtype=torch.float64)
+    xty = torch.zeros(n_feat, pool + 1, dtype=torch.float64)
     for tokens in batches:
-        trace = below.run(tokens)
-        target = truth.run(tokens).pre[layer] if below is not truth else trace.pre[layer]
+        trace = below.run(tokens, until=layer)
+        target = trace.pre[layer] if below is truth else truth.run(tokens, until=layer).pre[layer]
         mask = torch.ones_like(trace.tokens, dtype=torch.bool)
         mask[:, 0] = False
         if pad is not None:
             mask &= trace.tokens != pad
         s = trace.s2[layer][mask]
-        cols = torch.zeros(int(mask.sum()), n_feat, k + 1)
-        cols[..., k] = 1.0  # the intercept
+        y = target[mask]
+        gathered = {}  # channel -> (slots, G/s of those slots at the masked positions)
         for c in chan.unique().tolist():
-            sel = chan == c
-            slots = torch.unique(slot[sel])
-            g = below.gated(trace, ranked.channels[c], slots)[mask] / s[:, None]
-            f_i, k_i = sel.nonzero(as_tuple=True)
-            cols[:, f_i, k_i] = g[:, torch.searchsorted(slots, slot[sel])]
-        x = cols.double().transpose(0, 1)  # [n_feat, N, k + 1]
-        xtx += x.transpose(1, 2) @ x
-        xty += (x.transpose(1, 2) @ target[mask].double().T[..., None])[..., 0]
+            slots = torch.unique(slot[chan == c])
+            gathered[c] = (slots, below.gated(trace, ranked.channels[c], slots)[mask] / s[:, None])
+        n = int(mask.sum())
+        step = max(1, _BLOCK // max(1, n * (pool + 1)))
+        for lo in range(0, n_feat, step):
+            f = slice(lo, min(n_feat, lo + step))
+            cols = torch.zeros(n, f.stop - f.start, pool + 1)
+            cols[..., pool] = 1.0  # the intercept
+            for c, (slots, g) in gathered.items():
+                sel = chan[f] == c
+                f_i, k_i = sel.nonzero(as_tuple=True)
+                cols[:, f_i, k_i] = g[:, torch.searchsorted(slots, slot[f][sel])]
+            x = cols.double().transpose(0, 1)  # [features, n, pool + 1]
+            xtx[f] += x.transpose(1, 2) @ x
+            xty[f] += (x.transpose(1, 2) @ y[:, f].double().T[..., None])[..., 0]
     return xtx, xty
 
 
-def _solve(xtx: Tensor, xty: Tensor, ridge: float) -> Tensor:
-    """Ridge solution; the penalty is relative to each system's mean diagonal, none on the
-    intercept, so scale differences between features do not matter."""
+def _regularized(xtx: Tensor, ridge: float) -> Tensor:
+    """Ridge penalty relative to each system's mean diagonal, none on the intercept (the
+    last column), so scale differences between features do not matter."""
     k1 = xtx.shape[-1]
     penalty = torch.eye(k1, dtype=xtx.dtype)
     penalty[-1, -1] = 0
     scale = xtx.diagonal(dim1=1, dim2=2)[:, :-1].mean(1).clamp(min=1e-12)
-    return torch.linalg.solve(xtx + ridge * scale[:, None, None] * penalty, xty)
+    return xtx + ridge * scale[:, None, None] * penalty
+
+
+def _greedy(a: Tensor, b: Tensor, k: int) -> Tensor:
+    """Forward selection on normal equations ``a`` [F, P+1, P+1], ``b`` [F, P+1] (last column:
+    the intercept, always in): the k candidates [F, k] in the order chosen. Each step adds the
+    candidate with the largest drop in squared error, ``c² / d``, where ``c`` is its
+    correlation with the current residual and ``d`` its variance left after projecting out the
+    columns already chosen."""
+    F, P1, _ = a.shape
+    P = P1 - 1
+    chosen = torch.full((F, 1), P, dtype=torch.long)
+    taken = torch.zeros(F, P, dtype=torch.bool)
+    diag = a.diagonal(dim1=1, dim2=2)[:, :P]
+    rows = torch.arange(F)
+    for _ in range(min(k, P)):
+        a_ss = a[rows[:, None, None], chosen[:, :, None], chosen[:, None, :]]  # [F, s, s]
+        a_cs = torch.gather(a[:, :P, :], 2, chosen[:, None, :].expand(F, P, -1))  # [F, P, s]
+        b_s = torch.gather(b, 1, chosen)
+        sol = torch.linalg.solve(a_ss, torch.cat([b_s[..., None], a_cs.transpose(1, 2)], -1))
+        c = b[:, :P] - (a_cs @ sol[..., :1])[..., 0]
+        d = diag - (a_cs * sol[..., 1:].transpose(1, 2)).sum(-1)
+        gain = c.pow(2) / d.clamp(min=1e-12 * diag.mean(1, keepdim=True).clamp(min=1e-30))
+        gain[taken] = -1.0
+        pick = gain.argmax(1)
+        taken[rows, pick] = True
+        chosen = torch.cat([chosen, pick[:, None]], 1)
+    return chosen[:, 1:]
+
+
+def _solve_subset(a: Tensor, b: Tensor, picked: Tensor) -> tuple[Tensor, Tensor]:
+    """Weights [F, k] of the picked columns and the intercept [F]."""
+    F, P1, _ = a.shape
+    cols = torch.cat([picked, torch.full((F, 1), P1 - 1, dtype=torch.long)], 1)
+    rows = torch.arange(F)[:, None, None]
+    beta = torch.linalg.solve(a[rows, cols[:, :, None], cols[:, None, :]], torch.gather(b, 1, cols))
+    return beta[:, :-1], beta[:, -1]
 
 
 @torch.no_grad()
@@ -77,38 +144,45 @@ def fit_edges(
     batches: Sequence[Tensor],
     k: int,
     *,
+    pool: int | None = None,
     ridge: float = 1e-3,
     pad_token_id: int | None = None,
     progress: bool = True,
-) -> dict[int, tuple[Tensor, Tensor]]:
-    """Fitted (weights [n_features, k], bias [n_features]) per layer for the top-k edges."""
+) -> dict[int, FittedLayer]:
+    """Fitted formulas per layer: k edges per feature chosen greedily from its top ``pool``
+    ranked edges (default: k, the top k themselves), with least-squares weights."""
     truth = ACGModel(weights)
-    fitted: dict[int, tuple[Tensor, Tensor]] = {}
+    fitted: dict[int, FittedLayer] = {}
     edges: dict[int, LayerEdges] = {}
     layers = range(weights.layout.n_layers)
     for layer in tqdm(layers, desc=f"acg: fit k={k}", disable=None if progress else True):
+        r = ranked[layer]
+        P = min(max(pool or k, k), r.max_k)
         below = ACGModel(weights, dict(edges)) if edges else truth
-        xtx, xty = _normal_equations(truth, below, ranked[layer], layer, k, batches, pad_token_id)
-        beta = _solve(xtx, xty, ridge).float()
-        fitted[layer] = (beta[:, :k].contiguous(), beta[:, k].contiguous())
-        edges[layer] = fitted_layer_edges(weights, ranked[layer], layer, *fitted[layer])
+        xtx, xty = _normal_equations(truth, below, r, layer, P, batches, pad_token_id)
+        a = _regularized(xtx, ridge)
+        picked = _greedy(a, xty, k) if k < P else torch.arange(k).expand(xtx.shape[0], k)
+        w, b = _solve_subset(a, xty, picked)
+        index = torch.gather(r.index[:, :P], 1, picked)
+        fitted[layer] = FittedLayer(index.contiguous(), w.float().contiguous(), b.float())
+        edges[layer] = fitted_layer_edges(weights, r, layer, fitted[layer])
     return fitted
 
 
 def fitted_layer_edges(
-    weights: ModelWeights, ranked: RankedEdges, layer: int, weight: Tensor, bias: Tensor
+    weights: ModelWeights, ranked: RankedEdges, layer: int, fit: FittedLayer
 ) -> LayerEdges:
-    """The kept edges of ``ranked`` (top ``weight.shape[1]``) with fitted weights and bias."""
-    k = weight.shape[1]
+    """A layer's fitted formulas as kept edges (its own bias, nothing folded)."""
+    k = fit.weight.shape[1]
     swapped = RankedEdges(
         ranked.channels,
         ranked.offsets,
-        ranked.index[:, :k],
-        weight,
-        torch.zeros_like(weight),
-        ranked.importance[:, :k],
-        torch.zeros_like(bias),
+        fit.index,
+        fit.weight,
+        torch.zeros_like(fit.weight),
+        torch.zeros_like(fit.weight),
+        torch.zeros_like(fit.bias),
     )
     edges = select_edges(weights, swapped, layer, k)
-    edges.bias = bias
+    edges.bias = fit.bias
     return edges

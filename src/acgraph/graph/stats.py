@@ -57,6 +57,24 @@ def _accumulate(store: dict, key, value: Tensor) -> None:
     store[key] = value if key not in store else store[key] + value
 
 
+def _readers(layout) -> dict:
+    """Each channel and the (target layer, channel number) pairs that read through it: a
+    head's or skip's gated activations are computed once per batch for every later layer."""
+    out: dict = {}
+    for layer in range(layout.n_layers):
+        for c, channel in enumerate(layout.channels(layer)):
+            out.setdefault(channel, []).append((layer, c))
+    return out
+
+
+def _batch_slots(layout, site: int, tokens: Tensor) -> Tensor:
+    """The slots at ``site`` that can be nonzero in this batch: the tokens it holds (a
+    vocabulary is mostly absent) and every other source, bias slot included."""
+    space = layout.space(site)
+    tok = space.slice("tok")
+    return torch.cat([tokens.unique(), torch.arange(tok.stop, space.size + 1)])
+
+
 @torch.no_grad()
 def collect_stats(
     acg: ACGModel,
@@ -69,40 +87,48 @@ def collect_stats(
     """Accumulate :class:`EdgeStats` over token batches with the level-1 graph."""
     layout = acg.layout
     stats = EdgeStats()
-    sums = {"mean": {}, "mean_abs": {}, "mean_sq": {}, "pair": {}, "qmean": {}}
+    readers = _readers(layout)
+    sums = {
+        name: {
+            (layer, c): torch.zeros(layout.channel_size(ch), dtype=torch.float64)
+            for ch, pairs in readers.items()
+            for layer, c in pairs
+        }
+        for name in ("mean", "mean_abs", "mean_sq")
+    }
+    sums.update(pair={}, qmean={})
     n_pos = n_pairs = 0
     batches = list(batches)
     for tokens in tqdm(batches, desc="acg: edge statistics", disable=None if progress else True):
-        trace = acg.run(tokens)
+        trace = acg.run(tokens, until=layout.n_layers - 1)
         tokens = trace.tokens
         mask = torch.ones_like(tokens, dtype=torch.float32)
         mask[:, 0] = 0
         if pad_token_id is not None:
             mask = mask * (tokens != pad_token_id)
         n_pos += int(mask.sum())
-        cache: dict[str, Tensor] = {}
-        for layer in range(layout.n_layers):
-            weight = (mask / trace.s2[layer])[..., None]
-            for c, channel in enumerate(layout.channels(layer)):
-                if channel.name not in cache or channel.kind == "direct":
-                    slots = torch.arange(layout.channel_size(channel))
-                    cache[channel.name] = acg.gated(trace, channel, slots)
-                g = cache[channel.name]
-                _accumulate(sums["mean"], (layer, c), (g * weight).sum((0, 1)).double())
-                _accumulate(sums["mean_abs"], (layer, c), (g.abs() * weight).sum((0, 1)).double())
-                sq = (g * weight).pow(2).sum((0, 1)).double()  # weight² = mask / s², as mask is 0/1
-                _accumulate(sums["mean_sq"], (layer, c), sq)
-            if qk:
-                site = layout.head_site(layer)
-                slots = torch.arange(layout.space(site).size)
-                a = acg.source_columns(trace, site, slots) / trace.s1[layer][..., None]
-                T = tokens.shape[1]
-                causal = torch.ones(T, T).tril() * mask[:, :, None]  # [B, t, u]
-                pair = torch.einsum("btj,btu,bum->jm", a.abs(), causal, a.abs())
-                _accumulate(sums["pair"], layer, pair.double())
-                _accumulate(sums["qmean"], layer, (a * mask[..., None]).sum((0, 1)).double())
-                if layer == 0:
-                    n_pairs += int(causal.sum())
+        weight = [(mask / trace.s2[layer])[..., None] for layer in range(layout.n_layers)]
+        for channel, pairs in readers.items():
+            slots = _batch_slots(layout, channel.read_site, tokens)
+            g = acg.gated(trace, channel, slots)
+            for layer, c in pairs:
+                gw = g * weight[layer]
+                sums["mean"][(layer, c)].index_add_(0, slots, gw.sum((0, 1)).double())
+                sums["mean_abs"][(layer, c)].index_add_(0, slots, gw.abs().sum((0, 1)).double())
+                # weight² = mask / s², as the mask is 0/1
+                sums["mean_sq"][(layer, c)].index_add_(0, slots, gw.pow(2).sum((0, 1)).double())
+            del g
+        for layer in range(layout.n_layers if qk else 0):
+            site = layout.head_site(layer)
+            slots = torch.arange(layout.space(site).size)
+            a = acg.source_columns(trace, site, slots) / trace.s1[layer][..., None]
+            T = tokens.shape[1]
+            causal = torch.ones(T, T).tril() * mask[:, :, None]  # [B, t, u]
+            pair = torch.einsum("btj,btu,bum->jm", a.abs(), causal, a.abs())
+            _accumulate(sums["pair"], layer, pair.double())
+            _accumulate(sums["qmean"], layer, (a * mask[..., None]).sum((0, 1)).double())
+            if layer == 0:
+                n_pairs += int(causal.sum())
     for key, s in sums["mean"].items():
         stats.mean[key] = (s / max(n_pos, 1)).float()
         stats.mean_abs[key] = (sums["mean_abs"][key] / max(n_pos, 1)).float()

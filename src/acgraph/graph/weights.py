@@ -161,14 +161,6 @@ class ModelWeights:
         W_skip = self.transcoders[channel.layer].W_skip.detach()
         return self.center(vectors) @ W_skip.T
 
-    def channel_bias_vector(self, channel: Channel) -> Tensor:
-        """The constant a head writes whatever it attends to: ``(β W_V + b_V) W_O``."""
-        if channel.kind != "head":
-            return torch.zeros_like(self.W_E[0])
-        layer, h = channel.layer, channel.head
-        value_bias = self.ln1_b[layer] @ self.W_V[layer][h] + self.b_V[layer][h]
-        return value_bias @ self.W_O[layer][h]
-
     def target_read(self, layer: int, vectors: Tensor) -> Tensor:
         """Pre-activation of every feature of ``layer`` per residual vector, before 1/s."""
         return self.center(vectors) @ self.transcoders[layer].W_enc.detach()
@@ -180,19 +172,41 @@ class ModelWeights:
             bias = bias - tc.b_dec.detach() @ tc.W_enc.detach()
         return bias
 
-    def channel_weights(self, channel: Channel, target_layer: int) -> Tensor:
-        """Virtual weights ``[n_sources + 1, n_features]`` of every (source, channel) edge into
-        ``target_layer``; the last row is the channel-bias slot. Direct edges from head, skip and
-        bos sources are zero: those reach targets only through their channels."""
+    def channel_weights(
+        self, channel: Channel, target_layer: int, rows: Tensor | None = None
+    ) -> Tensor:
+        """Virtual weights ``[n_rows, n_features]`` of (source, channel) edges into
+        ``target_layer``: every slot of the channel (``rows=None``; the last row is the
+        channel-bias slot) or the given slots only. Direct edges from head, skip and bos sources
+        are zero: those reach targets only through their channels.
+
+        A head's map has rank d_head, so its weights are formed as ``(read · W_V) · (W_O ·
+        W_enc)`` rather than through the residual: d_model / d_head times fewer operations."""
         site = channel.read_site
-        written = self.channel_write(channel, self.source_vectors(site))
+        n = self.layout.space(site).size
+        rows = torch.arange(n + 1, device=self.W_E.device) if rows is None else rows
+        is_bias = rows == n
+        vectors = self.source_vectors(site)[rows.clamp(max=n - 1)]
+        if channel.kind == "head":
+            layer, h = channel.layer, channel.head
+            values = self.norm_read(vectors, layer) @ self.W_V[layer][h]
+            values[is_bias] = self.ln1_b[layer] @ self.W_V[layer][h] + self.b_V[layer][h]
+            return values @ self.target_read(target_layer, self.W_O[layer][h])
         if channel.kind == "direct":
-            space = self.layout.space(site)
-            for g, off in zip(space.groups, space.offsets, strict=True):
-                if g.kind in INDIRECT_KINDS:
-                    written[off : off + g.size] = 0
-        written = torch.cat([written, self.channel_bias_vector(channel)[None]])
-        return self.target_read(target_layer, written)
+            vectors[self._indirect(site)[rows.clamp(max=n - 1)]] = 0
+        else:
+            vectors = self.channel_write(channel, vectors)
+        vectors[is_bias] = 0  # only heads have a channel bias
+        return self.target_read(target_layer, vectors)
+
+    def _indirect(self, site: int) -> Tensor:
+        """Which sources at ``site`` reach targets only through a channel (heads, skip, bos)."""
+        space = self.layout.space(site)
+        out = torch.zeros(space.size, dtype=torch.bool, device=self.W_E.device)
+        for g, off in zip(space.groups, space.offsets, strict=True):
+            if g.kind in INDIRECT_KINDS:
+                out[off : off + g.size] = True
+        return out
 
     # ------------------------------------------------------------------ QK
 

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The runnable ACG of SmolLM2-135M-Instruct on real English text: skip transcoders for the first
+# LAYERS layers, the global graph over them, and its faithfulness curve on held-out files.
+#
+#   bash bench/graph/smollm2_curve.sh [WORK_DIR]          (default /tmp/acg_smollm2)
+#
+# Corpus: the reStructuredText sources of Debian's python3-doc (as bench/dictionaries), every
+# 10th file held out. Steps (each skipped when its output exists, so a rerun resumes):
+#   1. train LAYERS skip transcoders from one model forward (TopK k=32, width WIDTH, TOKENS
+#      tokens; checkpoints, --resume);
+#   2. acg build from CONTEXTS training contexts (no QK pairs: level 3 is not implemented for
+#      rotary models);
+#   3. acg faithfulness on 32 held-out contexts.
+# Environment: LAYERS (6), WIDTH (2048), TOKENS (2600000), CONTEXTS (64), THREADS (2).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+WORK=${1:-/tmp/acg_smollm2}
+LAYERS=${LAYERS:-6}
+WIDTH=${WIDTH:-2048}
+TOKENS=${TOKENS:-2600000}
+CONTEXTS=${CONTEXTS:-64}
+THREADS=${THREADS:-2}
+ACG=.venv/bin/acg
+SRC=$(ls -d /usr/share/doc/python3*/html/_sources 2>/dev/null | tail -1)
+[ -n "$SRC" ] || { echo "no /usr/share/doc/python3*/html/_sources: apt-get install python3-doc" >&2; exit 1; }
+
+if [ ! -d "$WORK/corpus/eval" ]; then
+    i=0
+    while IFS= read -r f; do
+        split=train; [ $((i % 10)) -eq 9 ] && split=eval
+        mkdir -p "$WORK/corpus/$split/$(dirname "$f")"
+        cp "$SRC/$f" "$WORK/corpus/$split/$f"
+        i=$((i + 1))
+    done < <(cd "$SRC" && find . -type f -name '*.txt' | sort)
+fi
+
+TC=$WORK/transcoders$LAYERS
+if [ ! -f "$TC/blocks.$((LAYERS - 1)).hook_mlp_out/cfg.json" ]; then
+    resume=(); [ -d "$TC/checkpoints" ] && resume=(--resume)
+    $ACG train --model smollm2 --corpus "$WORK/corpus/train" --layers $(seq 0 $((LAYERS - 1))) \
+        --kind skip_transcoder --activation topk --k 32 --width "$WIDTH" --tokens "$TOKENS" \
+        --threads "$THREADS" --seed 0 --checkpoint-every 100 --out "$TC" "${resume[@]}"
+fi
+
+GRAPH=$WORK/acg$LAYERS
+[ -f "$GRAPH/manifest.json" ] || $ACG build --model smollm2 --transcoders "$TC" \
+    --corpus "$WORK/corpus/train" --contexts "$CONTEXTS" --max-k 256 --no-qk \
+    --fit-k 8,32,64 --fit-pool 4 --threads "$THREADS" --out "$GRAPH"
+
+$ACG faithfulness "$GRAPH" --corpus "$WORK/corpus/eval" --contexts 32 \
+    --k 1,2,4,8,16,32,64,128,256 --threads "$THREADS" --report "$GRAPH/reports"
