@@ -27,18 +27,6 @@ pc.set_offline_env()
 import torch  # noqa: E402
 
 
-def peak_rss_mb() -> float:
-    """Peak RSS of this program (MB): VmHWM, as in run_ours.py (ru_maxrss would include the
-    driver's resident set at the fork)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return pc.peak_rss_mb()
-
-
 def build(model_dir: Path, tc_dir: Path):
     import yaml
     from circuit_tracer.replacement_model.replacement_model_transformerlens import (
@@ -99,11 +87,11 @@ def main() -> None:
     ids = json.loads((args.data / "prompts.json").read_text())[str(args.length)]
     tokens = torch.tensor(ids)
     attribute(tokens[:8], model, batch_size=args.batch_size)  # warm-up
-    before = peak_rss_mb()
+    before = pc.peak_rss_mb()
     t0 = time.perf_counter()
     graph = attribute(tokens, model, batch_size=args.batch_size)
     seconds = time.perf_counter() - t0
-    peak = peak_rss_mb()
+    peak = pc.peak_rss_mb()
     args.out.mkdir(parents=True, exist_ok=True)
     extra = {}
     scores = {}

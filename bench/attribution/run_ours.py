@@ -12,23 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-
-def rss_mb() -> float:
-    """Peak RSS of this program (MB): VmHWM. Not ru_maxrss, which on Linux keeps the parent's
-    resident set at the fork across the exec (the driver's ~650 MB once it has compared graphs)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dictionaries"))
+from peer_common import peak_rss_mb as rss_mb  # noqa: E402
 
 
 def main() -> None:

@@ -97,7 +97,15 @@ def sparsity_stats(acts: torch.Tensor, fired: torch.Tensor | None = None) -> tup
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process (ru_maxrss is KiB on Linux)."""
+    """Peak resident set size of this process (MB): VmHWM. Not ru_maxrss where VmHWM exists:
+    on Linux it keeps the parent's resident set at the fork across the exec, so a child of a
+    large driver reports the driver's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
