@@ -15,7 +15,6 @@ from acgraph.safety.clean import (
     CleanConfig,
     clean,
     feature_usage,
-    finetune_transcoders,
     input_subspaces,
     load_cleaned_transcoders,
     save_cleaned,
@@ -142,17 +141,6 @@ def test_bad_thresholds_are_refused(organism):
         clean(model, tcs, trusted, CleanConfig(ceiling=0))
     with pytest.raises(ConfigError):
         clean(model, tcs, [], CleanConfig())
-
-
-def test_finetuning_on_trusted_data_lowers_the_kl(organism):
-    from acgraph.graph import load_transcoders
-
-    model, _, trusted = organism
-    tcs = load_transcoders("organism")  # a private copy: fine-tuning changes it
-    losses = finetune_transcoders(model, tcs, trusted, steps=6, lr=3e-4, progress=False)
-    assert len(losses) == 6
-    assert sum(losses[-2:]) < sum(losses[:2])
-    assert not any(p.requires_grad for tc in tcs.values() for p in tc.parameters())
 
 
 def test_distill_keeps_the_budget_of_most_attributed_features(organism):

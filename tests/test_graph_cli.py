@@ -48,6 +48,25 @@ def test_faithfulness_cli_writes_json_and_png(built, tmp_path, capsys):
     assert (tmp_path / "faithfulness.png").stat().st_size > 0
 
 
+def test_tune_cli_adds_tuned_rows(built, tmp_path, capsys):
+    import shutil
+
+    graph = tmp_path / "graph"
+    shutil.copytree(built, graph)  # the module's graph stays untuned for the other tests
+    argv = ["tune", str(graph), "--k", "8", "--pairs", "64", "--steps", "3", "--contexts", "4"]
+    assert main([*argv, "--rows", "2", "--batch-size", "4"]) == 0
+    assert "tuned the k=8 formulas (level 3 with 64 pairs per head)" in capsys.readouterr().out
+    meta = json.loads((graph / "manifest.json").read_text())
+    assert meta["tuned"]["8"]["pairs"] == 64 and meta["tuned"]["8"]["steps"] == 3
+    argv = ["faithfulness", str(graph), "--contexts", "2", "--k", "8", "--per-domain", "2"]
+    assert main([*argv, "--report", str(tmp_path / "r")]) == 0
+    assert "2t/3t: tuned formulas" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r" / "faithfulness.json").read_text())
+    assert [(r["level"], r["pairs"]) for r in report["rows"] if r["tuned"]] == [
+        ("2", None), ("3", 64),
+    ]  # fmt: skip
+
+
 def test_explain_feature_cli(built, capsys):
     assert main(["explain-feature", str(built), "L1/3", "--k", "4", "--contexts", "2"]) == 0
     out = capsys.readouterr().out
@@ -64,6 +83,8 @@ def test_explain_feature_cli(built, capsys):
         (["explain-feature", "{acg}", "seven"], "LAYER/ID".lower()),
         (["faithfulness", "{tmp}/missing"], "no ACG"),
         (["faithfulness", "{acg}", "--k", "a,b"], "comma-separated"),
+        (["tune", "{acg}", "--k", "4"], "no fitted formulas"),
+        (["tune", "{acg}", "--k", "8", "--pairs", "999"], "--pairs must be"),
         (
             [
                 "build",

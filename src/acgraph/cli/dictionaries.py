@@ -1,4 +1,5 @@
-"""`acg train` and `acg eval`: train and evaluate sparse dictionaries (thin over the library)."""
+"""`acg train`, `acg finetune` and `acg eval`: train, fine-tune end to end and evaluate sparse
+dictionaries (thin over the library)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ ACTIVATION_CHOICES = ("topk", "batchtopk", "jumprelu", "relu")
 
 def register(sub: argparse._SubParsersAction) -> None:
     _register_train(sub)
+    _register_finetune(sub)
     _register_eval(sub)
 
 
@@ -125,6 +127,28 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="output folder (default: WS/dictionaries)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.set_defaults(func=_train)
+
+
+def _register_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune MLP transcoders end to end (KL of the model with all of them spliced in)",
+        description="Replace every MLP by its transcoder at once and train the transcoders "
+        "together to match the model's next-token distribution on a corpus. Raises the "
+        "faithfulness of every ACG built from them. Writes OUT/<hook>/ (SAELens layout), "
+        "OUT/finetune.json and a checkpoint OUT/checkpoints/finetune.safetensors (--resume).",
+    )
+    p.add_argument("transcoders", metavar="SPEC", help="transcoders (a folder, or 'organism')")
+    _add_source_args(p)
+    p.add_argument("--contexts", type=int, default=1024, help="training contexts (1024)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (1000)")
+    p.add_argument("--rows", type=int, default=16, help="contexts per step (16)")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (3e-4)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=0, help="corpus and sampling seed (0)")
+    p.add_argument("--out", metavar="DIR", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.set_defaults(func=_finetune)
 
 
 def _register_eval(sub: argparse._SubParsersAction) -> None:
@@ -273,6 +297,60 @@ def _train(args: argparse.Namespace) -> int:
         print(f"  {out / d.cfg.name}  {stats} (last batch)")
     if result.tokens_per_second:
         print(f"  {result.tokens_per_second:,.0f} tokens/s")
+    return 0
+
+
+# ---------------------------------------------------------------- finetune
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    import time
+
+    from acgraph.dictionaries import save_dictionary
+    from acgraph.dictionaries.finetune import finetune_end_to_end
+    from acgraph.graph import load_transcoders
+    from acgraph.io import atomic_write_json
+
+    if args.contexts < 1:
+        raise ConfigError(f"--contexts must be at least 1, got {args.contexts}")
+    out = Path(args.out)
+    tcs = load_transcoders(args.transcoders)
+    if not tcs:
+        raise ConfigError(f"no MLP transcoders in {args.transcoders}")
+    model, tokens, _, model_spec = _load(args, args.contexts * (args.context_size - 1), args.seed)
+    start = time.perf_counter()
+    losses = finetune_end_to_end(
+        model,
+        tcs,
+        list(tokens[: args.contexts].split(64)),
+        steps=args.steps,
+        lr=args.lr,
+        rows=args.rows,
+        seed=args.seed,
+        checkpoint=out / "checkpoints" / "finetune.safetensors",
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+    )
+    for tc in tcs.values():
+        save_dictionary(tc, out / tc.cfg.hook_out)
+    tail = losses[-max(1, len(losses) // 20) :]
+    report = {
+        "model": model_spec,
+        "transcoders": args.transcoders,
+        "contexts": int(min(args.contexts, len(tokens))),
+        "steps": args.steps,
+        "rows": args.rows,
+        "lr": args.lr,
+        "seed": args.seed,
+        "kl_first": losses[0],
+        "kl_last_5pct": sum(tail) / len(tail),
+        "seconds_this_run": round(time.perf_counter() - start, 1),
+    }
+    atomic_write_json(out / "finetune.json", report)
+    print(
+        f"fine-tuned {len(tcs)} transcoders end to end, {args.steps} steps: KL "
+        f"{report['kl_first']:.4f} -> {report['kl_last_5pct']:.4f} (mean of the last 5%) -> {out}"
+    )
     return 0
 
 

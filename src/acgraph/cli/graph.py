@@ -2,6 +2,7 @@
 
 acg build --model organism --transcoders organism --corpus organism:poisoned --out ACG
 acg build --workspace WS                 (model, corpus and dictionaries from WS -> WS/acg)
+acg tune ACG|WS --k 32 [--pairs 65536] [--steps 500]
 acg faithfulness ACG|WS [--contexts 64] [--k 1,2,4,...] [--pairs 16384]
 acg explain-feature ACG|WS L2/117 [--k 8]
 """
@@ -47,6 +48,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _common(p)
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser(
+        "tune",
+        help="train the fitted formulas' weights end to end (KL to the model's outputs)",
+        description="Keep the k in-edges of every fitted formula (and, with --pairs, each "
+        "head's top QK pairs) and train their weights together on the build corpus so the "
+        "graph's next-token distribution matches the model's. Stored beside the fitted "
+        "formulas; `acg faithfulness` reports them as levels 2t/3t.",
+    )
+    p.add_argument("acg", metavar="ACG", help="ACG folder or workspace")
+    p.add_argument("--k", type=int, required=True, help="fitted formulas to tune (their k)")
+    p.add_argument("--pairs", type=int, default=None, help="also tune this many QK pairs/head")
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps (500)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
+    p.add_argument("--rows", type=int, default=16, help="contexts per step (16)")
+    p.add_argument("--contexts", type=int, default=512, help="training contexts (512)")
+    _common(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("faithfulness", help="measure the ACG against the original model")
     p.add_argument("acg", metavar="ACG", help="ACG folder or workspace")
@@ -176,6 +195,49 @@ def cmd_build(args: argparse.Namespace) -> int:
         f"{m['max_pairs']} QK pairs per head, fitted formulas for k in {m['fit_ks']}; "
         f"edges {sizes['edges_bytes'] / 1e6:.1f} MB, "
         f"stats {sizes['stats_bytes'] / 1e6:.1f} MB -> {out}"
+    )
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import time
+
+    from acgraph.graph.tune import tune_formulas
+
+    _threads(args)
+    graph, meta, _ = _open(args.acg)
+    if args.contexts < 1:
+        raise ConfigError(f"--contexts must be at least 1, got {args.contexts}")
+    if args.pairs is not None and not 1 <= args.pairs <= int(meta.get("max_pairs") or 0):
+        raise ConfigError(f"--pairs must be in 1..{meta.get('max_pairs') or 0} (stored per head)")
+    # the build's own corpus and seed: tuning is part of building, never the held-out text
+    seed = int(meta.get("seed", 0))
+    batches = _batches(
+        graph.weights.model, meta["corpus"], args.contexts, 128, seed, args.batch_size
+    )
+    start = time.perf_counter()
+    layers, heads, losses = tune_formulas(
+        graph, args.k, batches, pairs=args.pairs, steps=args.steps, lr=args.lr, rows=args.rows
+    )
+    graph.tuned[args.k] = (layers, heads)
+    tail = losses[-max(1, len(losses) // 20) :]
+    info = {
+        "pairs": args.pairs,
+        "steps": args.steps,
+        "lr": args.lr,
+        "rows": args.rows,
+        "contexts": sum(int(b.shape[0]) for b in batches),
+        "kl_first": losses[0],
+        "kl_last_5pct": sum(tail) / len(tail),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    graph.meta.setdefault("tuned", {})[str(args.k)] = info
+    folder, _ = _acg_folder(args.acg)
+    graph.save(folder)
+    level = f"level 3 with {args.pairs} pairs per head" if args.pairs else "level 2"
+    print(
+        f"tuned the k={args.k} formulas ({level}) in {info['seconds']} s: training KL "
+        f"{info['kl_first']:.4f} -> {info['kl_last_5pct']:.4f} (mean of the last 5%) -> {folder}"
     )
     return 0
 

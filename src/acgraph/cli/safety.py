@@ -139,10 +139,11 @@ def _row(name: str, r: dict) -> str:
 def cmd_clean(args: argparse.Namespace) -> int:
     import torch
 
+    from acgraph.dictionaries.finetune import finetune_end_to_end
     from acgraph.graph import ACGModel, load_transcoders
     from acgraph.graph.weights import ModelWeights
     from acgraph.models import load_model
-    from acgraph.safety.clean import CleanConfig, clean, finetune_transcoders, save_cleaned
+    from acgraph.safety.clean import CleanConfig, clean, save_cleaned
 
     torch.set_num_threads(args.threads)
     if any(w in args.corpus.lower() for w in UNTRUSTED_WORDS):
@@ -158,7 +159,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
         args.model, ACGModel(ModelWeights(model, tcs, bos)), args.per_domain
     )
     if args.finetune_steps:
-        losses = finetune_transcoders(
+        losses = finetune_end_to_end(
             model, tcs, trusted, steps=args.finetune_steps, lr=args.finetune_lr
         )
         report["finetune"] = {
@@ -174,7 +175,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     )
     result = clean(model, tcs, trusted, cfg)
     if args.refine_steps:
-        losses = finetune_transcoders(
+        losses = finetune_end_to_end(
             model, result.transcoders, trusted, steps=args.refine_steps, lr=args.refine_lr
         )
         report["refine"] = {

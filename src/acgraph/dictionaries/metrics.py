@@ -141,7 +141,7 @@ class AgreementSums:
         return {"ce": self.ce / n, "kl": self.kl / n, "top1_agreement": self.top1 / n}
 
 
-def _splice_hooks(
+def splice_hooks(
     dictionaries: Sequence[SparseDictionary], keep: Tensor
 ) -> list[tuple[str, Callable]]:
     """Forward hooks replacing each dictionary's output hook with its prediction.
@@ -292,7 +292,7 @@ def evaluate_dictionaries(
         for group, ds in groups:
             hooks_out = [d.cfg.hook_out for d in ds]
             variants = {
-                "spliced": _splice_hooks(ds, keep),
+                "spliced": splice_hooks(ds, keep),
                 "zero_ablation": _ablation_hooks(hooks_out, keep, None),
                 "mean_ablation": _ablation_hooks(hooks_out, keep, means),
             }

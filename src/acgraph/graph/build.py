@@ -9,6 +9,8 @@ workspace's ``acg/`` folder)::
     edges.safetensors    per layer ``L{l}.index|weight|mean|importance|total_mean``,
                          per head ``L{l}H{h}.q|k|weight|importance|query_vec|mean_q``
                          per fitted k ``fit{k}.L{l}.index|weight|bias`` (fitted formulas)
+                         per tuned k ``tune{k}.L{l}.index|weight|bias`` and, when tuned
+                         with QK pairs, ``tune{k}.L{l}H{h}.weight|query_vec`` (tune.py)
     stats.safetensors    E[G/s], E[|G|/s], E[(G/s)²] per (layer, channel, source)
 """
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from .forward import ACGModel
 from .prune import RankedEdges, RankedPairs, rank_edges, rank_pairs, select_edges, select_pairs
 from .refit import FittedLayer, fit_edges, fitted_layer_edges
 from .stats import EdgeStats, collect_stats
+from .tune import Tuned, TunedPairs
 from .weights import ModelWeights
 
 FORMAT_VERSION = 1
@@ -62,6 +65,8 @@ class ACGraph:
     stats: EdgeStats
     meta: dict[str, Any]
     fitted: dict[int, dict[int, FittedLayer]] = field(default_factory=dict)
+    # k -> (tuned formulas per layer, tuned QK pairs per layer and head; empty: level 2 only)
+    tuned: dict[int, Tuned] = field(default_factory=dict)
 
     @property
     def layout(self):
@@ -71,17 +76,42 @@ class ACGraph:
     def max_k(self) -> int:
         return min(r.max_k for r in self.edges.values())
 
-    def model(self, k: int | None = None, pairs: int | None = None, fit: bool = False) -> ACGModel:
+    def tuned_pairs(self, k: int) -> int | None:
+        """The QK pairs per head the k-edge formulas were tuned with (None: level 2)."""
+        heads = next(iter(self.tuned[k][1].values()), {})
+        return len(next(iter(heads.values())).weight) if heads else None
+
+    def model(
+        self,
+        k: int | None = None,
+        pairs: int | None = None,
+        fit: bool = False,
+        tuned: bool = False,
+    ) -> ACGModel:
         """The runnable graph: ``k`` in-edges per feature (None: all, level 1) and, for level
         3, ``pairs`` query-key source pairs per head (None: exact attention from the graph).
-        ``fit`` uses the least-squares weights fitted for this k (see refit.py)."""
+        ``fit`` uses the least-squares weights fitted for this k (see refit.py); ``tuned``
+        the weights trained end to end from them (tune.py; level 3 only with the pairs they
+        were tuned with)."""
         edges = None
         if k is not None:
             if k < 1:
                 raise ConfigError(f"k must be at least 1, got {k}")
             if k > self.max_k:
                 raise ConfigError(f"k={k} exceeds the {self.max_k} edges per feature stored")
-            if fit:
+            if tuned:
+                if k not in self.tuned:
+                    raise ConfigError(f"no tuned formulas for k={k} (tuned: {sorted(self.tuned)})")
+                if pairs is not None and pairs != self.tuned_pairs(k):
+                    raise ConfigError(
+                        f"the k={k} formulas were tuned with {self.tuned_pairs(k)} QK pairs "
+                        f"per head, not {pairs}"
+                    )
+                edges = {
+                    i: fitted_layer_edges(self.weights, self.edges[i], i, f)
+                    for i, f in self.tuned[k][0].items()
+                }
+            elif fit:
                 if k not in self.fitted:
                     raise ConfigError(
                         f"no fitted weights for k={k} (fitted: {sorted(self.fitted)})"
@@ -102,6 +132,13 @@ class ACGraph:
                 i: {h: select_pairs(r, pairs) for h, r in heads.items()}
                 for i, heads in self.pairs.items()
             }
+            if tuned and k is not None:
+                for i, heads in self.tuned[k][1].items():
+                    for h, t in heads.items():
+                        qk[i][h] = select_pairs(
+                            replace(self.pairs[i][h], weight=t.weight, query_vec=t.query_vec),
+                            pairs,
+                        )
         return ACGModel(self.weights, edges, qk)
 
     # ------------------------------------------------------------------ files
@@ -122,6 +159,14 @@ class ACGraph:
             for layer, f in layers.items():
                 for name in ("index", "weight", "bias"):
                     tensors[f"fit{k}.L{layer}.{name}"] = getattr(f, name)
+        for k, (layers, heads) in self.tuned.items():
+            for layer, f in layers.items():
+                for name in ("index", "weight", "bias"):
+                    tensors[f"tune{k}.L{layer}.{name}"] = getattr(f, name)
+            for layer, hs in heads.items():
+                for h, t in hs.items():
+                    tensors[f"tune{k}.L{layer}H{h}.weight"] = t.weight
+                    tensors[f"tune{k}.L{layer}H{h}.query_vec"] = t.query_vec
         edges_path = atomic_save_tensors(folder / "edges.safetensors", tensors)
         stats_path = atomic_save_tensors(folder / "stats.safetensors", self.stats.tensors())
         sizes = {
@@ -256,4 +301,21 @@ def load_acg(folder: str | Path, model: Any, transcoders: dict[int, Any]) -> ACG
         }
         for k in meta.get("fit_ks", [])
     }
-    return ACGraph(weights, edges, pairs, stats, meta, fitted)
+    tuned: dict[int, Tuned] = {}
+    for key, info in (meta.get("tuned") or {}).items():
+        k, n_layers = int(key), weights.layout.n_layers
+        layers = {
+            i: FittedLayer(*(t[f"tune{k}.L{i}.{n}"] for n in ("index", "weight", "bias")))
+            for i in range(n_layers)
+        }
+        heads: dict[int, dict[int, TunedPairs]] = {}
+        if info.get("pairs"):
+            heads = {
+                i: {
+                    h: TunedPairs(t[f"tune{k}.L{i}H{h}.weight"], t[f"tune{k}.L{i}H{h}.query_vec"])
+                    for h in range(weights.layout.n_heads)
+                }
+                for i in range(n_layers)
+            }
+        tuned[k] = (layers, heads)
+    return ACGraph(weights, edges, pairs, stats, meta, fitted, tuned)

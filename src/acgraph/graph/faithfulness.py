@@ -22,7 +22,9 @@ from acgraph.dictionaries.metrics import AgreementSums, ce_loss_recovered
 
 from .build import ACGraph
 
-Config = tuple[str, int | None, int | None, bool]
+#: (level, k, pairs, formula): formula is "pruned" (top-k virtual weights, means folded),
+#: "fitted" (least-squares formulas, refit.py) or "tuned" (trained end to end, tune.py)
+Config = tuple[str, int | None, int | None, str]
 
 
 def configurations(
@@ -31,18 +33,23 @@ def configurations(
     max_k: int,
     level3_ks: Sequence[int] | None = None,
     fit_ks: Sequence[int] = (),
+    tuned: dict[int, int | None] | None = None,
 ) -> list[Config]:
-    """(level, k, pairs, fitted) rows: level 1; level 2 for each k (and with fitted weights
-    where they exist); level 3 for each k (or each of ``level3_ks``) and for all edges."""
+    """Rows: level 1; level 2 for each k (and with fitted or tuned weights where they exist);
+    level 3 for each k (or each of ``level3_ks``) and for all edges. ``tuned`` maps each
+    tuned k to the QK pairs it was tuned with (its level-3 row uses those)."""
+    tuned = tuned or {}
     ks = sorted({k for k in ks if 1 <= k <= max_k})
-    rows: list[Config] = [("1", None, None, False)]
-    rows += [("2", k, None, False) for k in ks]
-    rows += [("2", k, None, True) for k in ks if k in fit_ks]
+    rows: list[Config] = [("1", None, None, "pruned")]
+    rows += [("2", k, None, "pruned") for k in ks]
+    rows += [("2", k, None, "fitted") for k in ks if k in fit_ks]
+    rows += [("2", k, None, "tuned") for k in ks if k in tuned]
     if pairs:
         k3 = ks if level3_ks is None else sorted({k for k in level3_ks if 1 <= k <= max_k})
-        rows += [("3", k, pairs, False) for k in k3]
-        rows += [("3", k, pairs, True) for k in k3 if k in fit_ks]
-        rows += [("3", None, pairs, False)]
+        rows += [("3", k, pairs, "pruned") for k in k3]
+        rows += [("3", k, pairs, "fitted") for k in k3 if k in fit_ks]
+        rows += [("3", k, tuned[k], "tuned") for k in ks if tuned.get(k)]
+        rows += [("3", None, pairs, "pruned")]
     return rows
 
 
@@ -85,8 +92,12 @@ def measure_faithfulness(
     """Faithfulness of every configuration on ``batches`` (token tensors starting with BOS)."""
     model = graph.weights.model
     pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
-    configs = configurations(ks, pairs, graph.max_k, level3_ks, sorted(graph.fitted))
-    runners = {cfg: graph.model(cfg[1], cfg[2], cfg[3]) for cfg in configs}
+    tuned = {k: graph.tuned_pairs(k) for k in graph.tuned}
+    configs = configurations(ks, pairs, graph.max_k, level3_ks, sorted(graph.fitted), tuned)
+    runners = {
+        cfg: graph.model(cfg[1], cfg[2], fit=cfg[3] == "fitted", tuned=cfg[3] == "tuned")
+        for cfg in configs
+    }
     ablated = _mean_ablated(model, _mlp_means(model, batches, graph.layout.n_layers))
     sums = {cfg: AgreementSums() for cfg in configs}
     clean, base = AgreementSums(), AgreementSums()
@@ -109,7 +120,8 @@ def measure_faithfulness(
             "level": cfg[0],
             "k": cfg[1] if cfg[1] is not None else "all",
             "pairs": cfg[2],
-            "fitted": cfg[3],
+            "fitted": cfg[3] == "fitted",
+            "tuned": cfg[3] == "tuned",
             "ce": r["ce"],
             "delta_ce": r["ce"] - ce_clean,
             "kl": r["kl"],
@@ -126,6 +138,7 @@ def measure_faithfulness(
         "kl_mean_ablation": base.result()["kl"],
         "top1_mean_ablation": base.result()["top1_agreement"],
         "fit_pool": graph.meta.get("fit_pool", 1) if graph.fitted else None,
+        "tuned": graph.meta.get("tuned") or {},
         "rows": rows,
     }
     if organism_cfg is not None:
@@ -173,7 +186,7 @@ def format_faithfulness(report: dict[str, Any]) -> str:
         )
     for r in report["rows"]:
         line = (
-            f"{r['level'] + ('f' if r.get('fitted') else ''):<6} {str(r['k']):<5} "
+            f"{r['level'] + _suffix(r):<6} {str(r['k']):<5} "
             f"{str(r['pairs'] or '-'):<7} {r['ce']:.4f}  "
             f"{r['delta_ce']:+.4f} {r['kl']:.4f}  {r['top1_agreement']:.3f}   "
             f"{r['ce_recovered_mean']:.3f}"
@@ -189,7 +202,16 @@ def format_faithfulness(report: dict[str, Any]) -> str:
         pool = report.get("fit_pool")
         chosen = f"chosen greedily from the top {pool}·k ranked" if pool and pool > 1 else "top k"
         lines.append(f"2f/3f: fitted formulas (k in-edges {chosen}, least-squares weights)")
+    if any(r.get("tuned") for r in report["rows"]):
+        lines.append(
+            "2t/3t: tuned formulas (the fitted edges and QK pairs, weights trained end to end "
+            "on the build corpus to match the model's outputs)"
+        )
     return "\n".join(lines)
+
+
+def _suffix(row: dict[str, Any]) -> str:
+    return "t" if row.get("tuned") else "f" if row.get("fitted") else ""
 
 
 def plot_faithfulness(report: dict[str, Any], path: str | Path) -> Path:
@@ -207,15 +229,14 @@ def plot_faithfulness(report: dict[str, Any], path: str | Path) -> Path:
         ("top1_agreement", axes[0], "top-1 agreement with the original"),
         ("ce_recovered_mean", axes[1], "CE recovered (vs mean-ablating MLPs)"),
     ):
-        for level, fitted in (("2", False), ("3", False), ("2", True), ("3", True)):
-            pts = [r for r in rows if r["level"] == level and bool(r.get("fitted")) == fitted]
-            if not pts:
-                continue
-            xs = [all_x if r["k"] == "all" else r["k"] for r in pts]
-            name = f"level {level}" + (", fitted weights" if fitted else "")
-            ax.plot(
-                xs, [r[metric] for r in pts], marker="o", ls="--" if fitted else "-", label=name
-            )
+        for formula, ls in (("", "-"), ("f", "--"), ("t", ":")):
+            for level in ("2", "3"):
+                pts = [r for r in rows if r["level"] == level and _suffix(r) == formula]
+                if not pts:
+                    continue
+                xs = [all_x if r["k"] == "all" else r["k"] for r in pts]
+                name = f"level {level}" + {"": "", "f": ", fitted", "t": ", tuned"}[formula]
+                ax.plot(xs, [r[metric] for r in pts], marker="o", ls=ls, label=name)
         lvl1 = [r for r in rows if r["level"] == "1"]
         if lvl1:
             ax.axhline(lvl1[0][metric], color="gray", ls="--", label="level 1 (all edges)")

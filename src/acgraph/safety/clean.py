@@ -5,8 +5,8 @@ The method sees a model and a trusted corpus, nothing else: no trigger, no paylo
 text (:func:`clean` has no parameter through which one could arrive). Steps:
 
 1. transcoders trained on the trusted corpus (``acg train --corpus ...``; optionally fine-tuned
-   end to end on the same corpus by :func:`finetune_transcoders`, to match the model's
-   next-token distribution rather than each MLP in isolation);
+   end to end on the same corpus by ``acgraph.dictionaries.finetune``, to match the
+   model's next-token distribution rather than each MLP in isolation);
 2. run the level-1 ACG over the trusted corpus and record each feature's usage: how often it
    fires and the largest activation it reaches (:func:`feature_usage`);
 3. keep a feature only where trusted data uses it (fires on at least ``min_frequency`` of
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from acgraph.dictionaries.finetune import valid_mask
 from acgraph.errors import ArtifactError, ConfigError
 
 from .compile import calibrate_thresholds, derive_transcoder
@@ -86,14 +87,6 @@ class CappedActivation(nn.Module):
         return fn() if fn is not None else None
 
 
-def _valid_mask(tokens: Tensor, pad_token_id: int | None) -> Tensor:
-    mask = torch.ones_like(tokens, dtype=torch.bool)
-    mask[:, 0] = False  # position 0 is the pinned BOS node
-    if pad_token_id is not None:
-        mask &= tokens != pad_token_id
-    return mask
-
-
 @torch.no_grad()
 def input_subspaces(
     acg: Any, batches: Iterable[Tensor], drop_energy: float, pad_token_id: int | None = 0
@@ -104,7 +97,7 @@ def input_subspaces(
     moments: dict[int, Tensor] = {}
     for tokens in batches:
         trace = acg.run(tokens, keep_resid=True)
-        mask = _valid_mask(trace.tokens, pad_token_id)
+        mask = valid_mask(trace.tokens, pad_token_id)
         for layer in range(acg.layout.n_layers):
             x = trace.resid[2 * layer + 1]
             n = (acg.w.center(x) / acg.w.scale(x)[..., None])[mask].double()
@@ -130,7 +123,7 @@ def feature_usage(
     n = 0
     for tokens in batches:
         trace = acg.run(tokens)
-        mask = _valid_mask(trace.tokens, pad_token_id)
+        mask = valid_mask(trace.tokens, pad_token_id)
         n += int(mask.sum())
         for layer, acts in enumerate(trace.acts):
             a = acts[mask].double()
@@ -206,68 +199,6 @@ def clean(
         "input_rank": {str(i): round(float(P.trace())) for i, P in projectors.items()},
     }
     return CleanResult(acg, cleaned, keep, usage, config, info)
-
-
-def _splice_hooks(transcoders: dict[int, Any], keep: Tensor) -> list[tuple[str, Any]]:
-    """Forward hooks that replace every MLP output with its transcoder's prediction (BOS and
-    pad positions keep the model's own value, as the ACG pins BOS)."""
-    inputs: dict[int, Tensor] = {}
-    hooks: list[tuple[str, Any]] = []
-    for layer, tc in transcoders.items():
-
-        def store(value: Tensor, hook: Any, layer: int = layer) -> None:
-            inputs[layer] = value
-
-        def replace(value: Tensor, hook: Any, layer: int = layer, tc: Any = tc) -> Tensor:
-            return torch.where(keep[..., None], tc(inputs.pop(layer)), value)
-
-        hooks += [(f"blocks.{layer}.ln2.hook_normalized", store)]
-        hooks += [(f"blocks.{layer}.hook_mlp_out", replace)]
-    return hooks
-
-
-def finetune_transcoders(
-    model: Any,
-    transcoders: dict[int, Any],
-    trusted: Sequence[Tensor],
-    *,
-    steps: int = 200,
-    lr: float = 1e-4,
-    seed: int = 0,
-    progress: bool = True,
-) -> list[float]:
-    """Fine-tune ``transcoders`` in place so the model with every MLP replaced by its transcoder
-    matches the original model's next-token distribution (KL) on ``trusted`` batches: errors
-    that compound across layers are what cost accuracy, and per-layer training does not see
-    them. Only trusted data is read. Returns the loss per step."""
-    from tqdm.auto import tqdm
-
-    pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
-    params = [p for tc in transcoders.values() for p in tc.parameters() if p.is_floating_point()]
-    for tc in transcoders.values():
-        tc.requires_grad_(True)
-    model.requires_grad_(False)
-    opt = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.cat(list(trusted))
-    losses = []
-    bar = tqdm(range(steps), desc="fine-tune transcoders (KL)", disable=not progress)
-    for _ in bar:
-        batch = rows[torch.randint(len(rows), (min(16, len(rows)),), generator=gen)]
-        mask = _valid_mask(batch, pad)
-        with torch.no_grad():
-            target = model(batch).log_softmax(-1)[mask]
-        logits = model.run_with_hooks(batch, fwd_hooks=_splice_hooks(transcoders, mask))
-        logp = logits.log_softmax(-1)[mask]
-        loss = (target.exp() * (target - logp)).sum(-1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(kl=f"{losses[-1]:.4f}")
-    for tc in transcoders.values():
-        tc.requires_grad_(False)
-    return losses
 
 
 # ---------------------------------------------------------------- files

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from acgraph.dictionaries.finetune import valid_mask
 from acgraph.errors import ArtifactError, ConfigError
 from acgraph.graph import build_acg
 from acgraph.graph.forward import ACGModel, Trace
@@ -44,15 +45,6 @@ TOP_POSITIONS = 1
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def valid_mask(tokens: Tensor, pad_token_id: int | None) -> Tensor:
-    """Positions that count: after the BOS and not padding."""
-    mask = torch.ones_like(tokens, dtype=torch.bool)
-    mask[:, 0] = False
-    if pad_token_id is not None:
-        mask &= tokens != pad_token_id
-    return mask
 
 
 def _all_gated(acg: ACGModel, trace: Trace, layer: int) -> Tensor:

@@ -1,0 +1,144 @@
+"""End-to-end fine-tuning of MLP transcoders (`acg finetune`).
+
+Transcoders trained layer by layer each predict their own MLP well, but their errors compound:
+a layer reads the residual that the transcoders below it wrote, which the per-layer objective
+never sees. Here every MLP is replaced by its transcoder at once and the transcoders are
+trained together to match the original model's next-token distribution,
+KL(model ‖ spliced model), on a corpus (as end-to-end SAEs do for the residual stream). The
+spliced model is exactly the level-1 ACG, so this raises the ceiling of every graph built
+from the transcoders.
+
+Checkpoints (``checkpoint``: a file path) hold the transcoders, the optimizer, the sampler and
+the losses in one safetensors file written atomically; ``resume=True`` continues a run exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from acgraph.errors import ArtifactError, ConfigError
+from acgraph.io import atomic_save_tensors, load_tensors
+
+from .metrics import splice_hooks
+
+
+def valid_mask(tokens: Tensor, pad_token_id: int | None) -> Tensor:
+    """Positions the ACG computes: not BOS (position 0), not padding."""
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[:, 0] = False
+    if pad_token_id is not None:
+        mask &= tokens != pad_token_id
+    return mask
+
+
+def sampled_kl(model: Any, data: Tensor, rows: int, gen: torch.Generator, run: Any) -> Tensor:
+    """KL(model ‖ replacement) over the ACG's positions of ``rows`` contexts drawn from
+    ``data``; ``run(batch, mask)`` gives the replacement's logits (with autograd)."""
+    pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
+    batch = data[torch.randint(len(data), (min(rows, len(data)),), generator=gen)]
+    mask = valid_mask(batch, pad)
+    with torch.no_grad():
+        target = model(batch).log_softmax(-1)[mask]
+    logp = run(batch, mask).log_softmax(-1)[mask]
+    return (target.exp() * (target - logp)).sum(-1).mean()
+
+
+def _params(transcoders: dict[int, Any]) -> dict[str, Tensor]:
+    return {
+        f"L{layer}.{name}": p
+        for layer, tc in sorted(transcoders.items())
+        for name, p in tc.named_parameters()
+        if p.is_floating_point()
+    }
+
+
+def _save(path: Path, params, opt, gen, losses: list[float]) -> None:
+    tensors = {f"param.{k}": p.detach() for k, p in params.items()}
+    for k, p in params.items():
+        for name, value in opt.state.get(p, {}).items():
+            tensors[f"adam.{name}.{k}"] = torch.as_tensor(value)
+    tensors["sampler"] = gen.get_state()
+    tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
+    atomic_save_tensors(path, tensors)
+
+
+def _restore(path: Path, params, opt, gen) -> list[float]:
+    saved = load_tensors(path)
+    missing = [k for k in params if f"param.{k}" not in saved]
+    if missing:
+        raise ArtifactError(f"{path} is not a checkpoint of these transcoders (no {missing[0]})")
+    with torch.no_grad():
+        for k, p in params.items():
+            if saved[f"param.{k}"].shape != p.shape:
+                raise ArtifactError(f"{path}: {k} has another shape than these transcoders")
+            p.copy_(saved[f"param.{k}"])
+    for k, p in params.items():
+        state = {n: saved.get(f"adam.{n}.{k}") for n in ("step", "exp_avg", "exp_avg_sq")}
+        if all(v is not None for v in state.values()):
+            opt.state[p] = {n: v.clone() for n, v in state.items()}
+    gen.set_state(saved["sampler"])
+    return saved["losses"].tolist()
+
+
+def finetune_end_to_end(
+    model: Any,
+    transcoders: dict[int, Any],
+    batches: Sequence[Tensor],
+    *,
+    steps: int = 200,
+    lr: float = 1e-4,
+    rows: int = 16,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[float]:
+    """Fine-tune ``transcoders`` in place so the model with every MLP replaced by its
+    transcoder matches the original model's next-token distribution on ``batches`` (token
+    rows starting with BOS; each step samples ``rows`` of them). Returns the KL per step."""
+    from tqdm.auto import tqdm
+
+    if steps < 1 or rows < 1:
+        raise ConfigError(f"steps and rows must be at least 1, got {steps} and {rows}")
+    data = torch.cat(list(batches)) if batches else None
+    if data is None or len(data) == 0:
+        raise ConfigError("end-to-end fine-tuning needs at least one row of tokens")
+    params = _params(transcoders)
+
+    def spliced(batch: Tensor, mask: Tensor) -> Tensor:
+        hooks = splice_hooks(list(transcoders.values()), mask)
+        return model.run_with_hooks(batch, fwd_hooks=hooks)
+
+    for tc in transcoders.values():
+        tc.requires_grad_(True)
+    model.requires_grad_(False)
+    opt = torch.optim.Adam(list(params.values()), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    path = Path(checkpoint) if checkpoint is not None else None
+    losses: list[float] = []
+    if path is not None and path.is_file():
+        if not resume:
+            raise ConfigError(f"{path} already holds a fine-tuning checkpoint; pass resume")
+        losses = _restore(path, params, opt, gen)
+    bar = tqdm(range(len(losses), steps), desc="fine-tune (KL)", disable=not progress)
+    for step in bar:
+        loss = sampled_kl(model, data, rows, gen, spliced)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(kl=f"{losses[-1]:.4f}")
+        done = step + 1
+        if path is not None and (
+            done == steps or (checkpoint_every and done % checkpoint_every == 0)
+        ):
+            _save(path, params, opt, gen, losses)
+    for tc in transcoders.values():
+        tc.requires_grad_(False)
+    return losses

@@ -1,0 +1,190 @@
+"""Tuned formulas: the fitted graph's edge weights trained end to end (level "2t" / "3t").
+
+Fitted formulas (refit.py) make each feature's pre-activation right on average, one layer at a
+time, but a pruned graph's errors compound: small misses in early features move every later
+one and the logits. Here the kept structure is fixed (each feature's k in-edges from the
+fitted formulas and, with ``pairs``, each head's top query-key source pairs) and only their
+weights and biases are trained together so the graph's next-token distribution matches the
+original model's, KL(model ‖ ACG), on a corpus. The graph stays "Z = 3·A + 4·B" over the same
+sources with the same number of edges; only the coefficients change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from acgraph.dictionaries.finetune import sampled_kl
+from acgraph.errors import ConfigError
+
+from .forward import ACGModel, ChannelEdges, LayerEdges, QKPairs
+from .prune import RankedPairs
+from .refit import FittedLayer, _split
+
+
+@dataclass
+class TunedPairs:
+    """One head's kept pair weights after tuning (the top ``len(weight)`` ranked pairs)."""
+
+    weight: Tensor  # [P]
+    query_vec: Tensor  # [d_head]
+
+
+#: one k's tuned formulas per layer, and its tuned QK pairs per layer and head (empty: level 2)
+Tuned = tuple[dict[int, FittedLayer], dict[int, dict[int, TunedPairs]]]
+
+
+class _Scatter:
+    """Writes a flat parameter vector into a fixed sparsity pattern as a dense matrix, so the
+    graph runs dense matmuls and gradients reach the vector."""
+
+    def __init__(self, rows: Tensor, cols: Tensor, shape: tuple[int, int], order: Tensor):
+        self.rows, self.cols, self.shape, self.order = rows, cols, shape, order
+
+    def __call__(self, values: Tensor) -> Tensor:
+        out = torch.zeros(self.shape, dtype=values.dtype)
+        return out.index_put((self.rows, self.cols), values[self.order], accumulate=True)
+
+
+def _layer_edges(ranked, layer_fit: FittedLayer) -> tuple[LayerEdges, list[_Scatter]]:
+    """Dense kept edges of one layer, and how to refill each channel from ``weight.flatten()``."""
+    n_feat, k = layer_fit.weight.shape
+    chan, slot = _split(ranked, layer_fit.index)
+    flat = torch.arange(n_feat * k).reshape(n_feat, k)
+    targets = torch.arange(n_feat)[:, None].expand(n_feat, k)
+    channels, fills = [], []
+    for c, channel in enumerate(ranked.channels):
+        sel = chan == c
+        if not bool(sel.any()):
+            continue
+        used, local = torch.unique(slot[sel], return_inverse=True)
+        fill = _Scatter(targets[sel], local, (n_feat, used.numel()), flat[sel])
+        channels.append(ChannelEdges(channel, used, fill(layer_fit.weight.flatten())))
+        fills.append(fill)
+    return LayerEdges(channels, layer_fit.bias.clone()), fills
+
+
+def _head_pairs(r: RankedPairs, n: int) -> tuple[QKPairs, _Scatter, Tensor, Tensor]:
+    q, k = r.q[:n], r.k[:n]
+    q_used, q_local = torch.unique(q, return_inverse=True)
+    k_used, k_local = torch.unique(k, return_inverse=True)
+    fill = _Scatter(q_local, k_local, (q_used.numel(), k_used.numel()), torch.arange(len(q)))
+    w = r.weight[:n]
+    corr = torch.zeros(k_used.numel()).index_add(0, k_local, r.mean_q[q] * w)
+    return QKPairs(q_used, k_used, fill(w), r.query_vec.clone(), -corr), fill, k_local, r.mean_q[q]
+
+
+class _Formulas:
+    """The tunable graph: fixed edges and pairs whose weights are leaf tensors."""
+
+    def __init__(self, graph, k: int, pairs: int | None):
+        fits = graph.fitted[k]
+        self.index = {i: f.index for i, f in fits.items()}
+        self.w = {i: f.weight.clone().requires_grad_(True) for i, f in fits.items()}
+        self.b = {i: f.bias.clone().requires_grad_(True) for i, f in fits.items()}
+        self.edges, self.fills = {}, {}
+        for i, f in fits.items():
+            self.edges[i], self.fills[i] = _layer_edges(graph.edges[i], f)
+        self.qk: dict[int, dict[int, QKPairs]] = {}
+        self.pair_fill: dict[tuple[int, int], tuple[_Scatter, Tensor, Tensor]] = {}
+        self.pw: dict[tuple[int, int], Tensor] = {}
+        self.qv: dict[tuple[int, int], Tensor] = {}
+        for i, heads in graph.pairs.items() if pairs is not None else ():
+            self.qk[i] = {}
+            for h, r in heads.items():
+                self.qk[i][h], fill, k_local, mean_q = _head_pairs(r, pairs)
+                self.pair_fill[i, h] = (fill, k_local, mean_q)
+                self.pw[i, h] = r.weight[: len(k_local)].clone().requires_grad_(True)
+                self.qv[i, h] = r.query_vec.clone().requires_grad_(True)
+        self.acg = ACGModel(graph.weights, self.edges, self.qk)
+
+    def parameters(self) -> list[Tensor]:
+        return [*self.w.values(), *self.b.values(), *self.pw.values(), *self.qv.values()]
+
+    def refresh(self) -> None:
+        """Write the current parameters into the graph's edges and pairs (differentiably)."""
+        for i, e in self.edges.items():
+            flat = self.w[i].flatten()
+            for ce, fill in zip(e.channels, self.fills[i], strict=True):
+                ce.weight = fill(flat)
+            e.bias = self.b[i]
+        for (i, h), (fill, k_local, mean_q) in self.pair_fill.items():
+            w, p = self.pw[i, h], self.qk[i][h]
+            p.weight, p.query_vec = fill(w), self.qv[i, h]
+            p.key_corr = -torch.zeros(len(p.k_slots)).index_add(0, k_local, mean_q * w)
+
+    def result(self) -> Tuned:
+        layers = {
+            i: FittedLayer(
+                self.index[i].clone(), self.w[i].detach().clone(), self.b[i].detach().clone()
+            )
+            for i in self.w
+        }
+        heads: dict[int, dict[int, TunedPairs]] = {}
+        for (i, h), w in self.pw.items():
+            heads.setdefault(i, {})[h] = TunedPairs(
+                w.detach().clone(), self.qv[i, h].detach().clone()
+            )
+        return layers, heads
+
+
+def tune_formulas(
+    graph,
+    k: int,
+    batches: Sequence[Tensor],
+    *,
+    pairs: int | None = None,
+    steps: int = 300,
+    lr: float = 1e-3,
+    rows: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict[int, FittedLayer], dict[int, dict[int, TunedPairs]], list[float]]:
+    """Train the weights of ``graph``'s fitted k-edge formulas (and, with ``pairs``, the kept
+    query-key pair weights) end to end on ``batches``. Returns the tuned formulas, the tuned
+    pairs (empty without ``pairs``) and the KL per step."""
+    if k not in graph.fitted:
+        raise ConfigError(
+            f"no fitted formulas for k={k} to tune (fitted: {sorted(graph.fitted)}; "
+            "`acg build --fit-k`)"
+        )
+    if pairs is not None and not graph.pairs:
+        raise ConfigError("this graph was built without QK pairs (level 3)")
+    if steps < 1 or rows < 1:
+        raise ConfigError(f"steps and rows must be at least 1, got {steps} and {rows}")
+    data = torch.cat(list(batches)) if batches else torch.zeros(0, 0, dtype=torch.long)
+    if len(data) == 0:
+        raise ConfigError("tuning needs at least one row of tokens")
+    model = graph.weights.model
+    formulas = _Formulas(graph, k, pairs)
+
+    def run(batch: Tensor, mask: Tensor) -> Tensor:
+        return formulas.acg.run(batch, grad=True).logits
+
+    opt = torch.optim.Adam(formulas.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    # only the formulas learn: the model's and the transcoders' own weights get no gradients
+    frozen = [p for m in (model, *graph.weights.transcoders) for p in m.parameters()]
+    frozen = [p for p in frozen if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    losses: list[float] = []
+    try:
+        bar = tqdm(range(steps), desc=f"acg: tune k={k}", disable=None if progress else True)
+        for _ in bar:
+            formulas.refresh()
+            loss = sampled_kl(model, data, rows, gen, run)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(kl=f"{losses[-1]:.4f}")
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    layers, heads = formulas.result()
+    return layers, heads, losses
