@@ -399,3 +399,22 @@ def test_tuned_formulas_lower_the_kl_and_survive_save_load(organism_graph, tmp_p
         graph.model(4, tuned=True)
     with pytest.raises(ConfigError, match="fitted formulas"):
         tune_formulas(graph, 8, batches, steps=1)
+
+
+def test_tuning_resumes_exactly_from_its_checkpoint(organism_graph, tmp_path):
+    from acgraph.graph.tune import tune_formulas
+
+    graph, batches, _ = organism_graph
+    kw = dict(pairs=256, lr=1e-3, rows=2, progress=False)
+    ref_layers, ref_heads, ref = tune_formulas(graph, 4, batches[:1], steps=4, **kw)
+    ckpt = tmp_path / "tune4.safetensors"
+    tune_formulas(graph, 4, batches[:1], steps=2, checkpoint=ckpt, **kw)
+    with pytest.raises(ConfigError, match="resume it, or delete it"):
+        tune_formulas(graph, 4, batches[:1], steps=4, checkpoint=ckpt, **kw)
+    layers, heads, losses = tune_formulas(
+        graph, 4, batches[:1], steps=4, checkpoint=ckpt, resume=True, **kw
+    )
+    assert losses == pytest.approx(ref, rel=1e-5)
+    for i, f in layers.items():
+        assert torch.allclose(f.weight, ref_layers[i].weight, atol=1e-6)
+        assert torch.allclose(heads[i][0].weight, ref_heads[i][0].weight, atol=1e-6)

@@ -64,6 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
     p.add_argument("--rows", type=int, default=16, help="contexts per step (16)")
     p.add_argument("--contexts", type=int, default=512, help="training contexts (512)")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue ACG/checkpoints/tune{k}")
     _common(p)
     p.set_defaults(func=cmd_tune)
 
@@ -215,10 +217,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     batches = _batches(
         graph.weights.model, meta["corpus"], args.contexts, 128, seed, args.batch_size
     )
+    folder, _ = _acg_folder(args.acg)
     start = time.perf_counter()
     layers, heads, losses = tune_formulas(
-        graph, args.k, batches, pairs=args.pairs, steps=args.steps, lr=args.lr, rows=args.rows
-    )
+        graph, args.k, batches, pairs=args.pairs, steps=args.steps, lr=args.lr, rows=args.rows,
+        checkpoint=folder / "checkpoints" / f"tune{args.k}.safetensors",
+        checkpoint_every=args.checkpoint_every, resume=args.resume,
+    )  # fmt: skip
     graph.tuned[args.k] = (layers, heads)
     tail = losses[-max(1, len(losses) // 20) :]
     info = {
@@ -229,14 +234,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
         "contexts": sum(int(b.shape[0]) for b in batches),
         "kl_first": losses[0],
         "kl_last_5pct": sum(tail) / len(tail),
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds_this_run": round(time.perf_counter() - start, 1),
     }
     graph.meta.setdefault("tuned", {})[str(args.k)] = info
-    folder, _ = _acg_folder(args.acg)
     graph.save(folder)
     level = f"level 3 with {args.pairs} pairs per head" if args.pairs else "level 2"
     print(
-        f"tuned the k={args.k} formulas ({level}) in {info['seconds']} s: training KL "
+        f"tuned the k={args.k} formulas ({level}) in {info['seconds_this_run']} s: training KL "
         f"{info['kl_first']:.4f} -> {info['kl_last_5pct']:.4f} (mean of the last 5%) -> {folder}"
     )
     return 0

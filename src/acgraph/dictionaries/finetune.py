@@ -71,11 +71,11 @@ def _restore(path: Path, params, opt, gen) -> list[float]:
     saved = load_tensors(path)
     missing = [k for k in params if f"param.{k}" not in saved]
     if missing:
-        raise ArtifactError(f"{path} is not a checkpoint of these transcoders (no {missing[0]})")
+        raise ArtifactError(f"{path} is not a checkpoint of this run (no {missing[0]})")
     with torch.no_grad():
         for k, p in params.items():
             if saved[f"param.{k}"].shape != p.shape:
-                raise ArtifactError(f"{path}: {k} has another shape than these transcoders")
+                raise ArtifactError(f"{path}: {k} has another shape than in this run")
             p.copy_(saved[f"param.{k}"])
     for k, p in params.items():
         state = {n: saved.get(f"adam.{n}.{k}") for n in ("step", "exp_avg", "exp_avg_sq")}
@@ -102,13 +102,7 @@ def finetune_end_to_end(
     """Fine-tune ``transcoders`` in place so the model with every MLP replaced by its
     transcoder matches the original model's next-token distribution on ``batches`` (token
     rows starting with BOS; each step samples ``rows`` of them). Returns the KL per step."""
-    from tqdm.auto import tqdm
-
-    if steps < 1 or rows < 1:
-        raise ConfigError(f"steps and rows must be at least 1, got {steps} and {rows}")
-    data = torch.cat(list(batches)) if batches else None
-    if data is None or len(data) == 0:
-        raise ConfigError("end-to-end fine-tuning needs at least one row of tokens")
+    data = token_rows(batches)
     params = _params(transcoders)
 
     def spliced(batch: Tensor, mask: Tensor) -> Tensor:
@@ -118,17 +112,60 @@ def finetune_end_to_end(
     for tc in transcoders.values():
         tc.requires_grad_(True)
     model.requires_grad_(False)
+    try:
+        return kl_training(
+            model, params, data, spliced, steps=steps, lr=lr, rows=rows, seed=seed,
+            checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+            desc="fine-tune (KL)", progress=progress,
+        )  # fmt: skip
+    finally:
+        for tc in transcoders.values():
+            tc.requires_grad_(False)
+
+
+def token_rows(batches: Sequence[Tensor]) -> Tensor:
+    data = torch.cat(list(batches)) if batches else None
+    if data is None or len(data) == 0:
+        raise ConfigError("end-to-end training needs at least one row of tokens")
+    return data
+
+
+def kl_training(
+    model: Any,
+    params: dict[str, Tensor],
+    data: Tensor,
+    run: Any,
+    *,
+    steps: int,
+    lr: float,
+    rows: int = 16,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+    desc: str = "train (KL)",
+    progress: bool = True,
+) -> list[float]:
+    """Adam on the named leaf tensors ``params`` to minimise KL(model ‖ ``run``) on contexts
+    sampled from ``data``, checkpointed to one file every ``checkpoint_every`` steps and at
+    the end (``resume`` continues from it exactly). Returns the KL per step."""
+    from tqdm.auto import tqdm
+
+    if steps < 1 or rows < 1:
+        raise ConfigError(f"steps and rows must be at least 1, got {steps} and {rows}")
     opt = torch.optim.Adam(list(params.values()), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     path = Path(checkpoint) if checkpoint is not None else None
     losses: list[float] = []
     if path is not None and path.is_file():
         if not resume:
-            raise ConfigError(f"{path} already holds a fine-tuning checkpoint; pass resume")
+            raise ConfigError(
+                f"{path} already holds a training checkpoint: resume it, or delete it to start over"
+            )
         losses = _restore(path, params, opt, gen)
-    bar = tqdm(range(len(losses), steps), desc="fine-tune (KL)", disable=not progress)
+    bar = tqdm(range(len(losses), steps), desc=desc, disable=not progress)
     for step in bar:
-        loss = sampled_kl(model, data, rows, gen, spliced)
+        loss = sampled_kl(model, data, rows, gen, run)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -139,6 +176,4 @@ def finetune_end_to_end(
             done == steps or (checkpoint_every and done % checkpoint_every == 0)
         ):
             _save(path, params, opt, gen, losses)
-    for tc in transcoders.values():
-        tc.requires_grad_(False)
     return losses

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from acgraph.dictionaries.finetune import sampled_kl
+from acgraph.dictionaries.finetune import kl_training, token_rows
 from acgraph.errors import ConfigError
 
 from .forward import ACGModel, ChannelEdges, LayerEdges, QKPairs
@@ -102,8 +102,12 @@ class _Formulas:
                 self.qv[i, h] = r.query_vec.clone().requires_grad_(True)
         self.acg = ACGModel(graph.weights, self.edges, self.qk)
 
-    def parameters(self) -> list[Tensor]:
-        return [*self.w.values(), *self.b.values(), *self.pw.values(), *self.qv.values()]
+    def parameters(self) -> dict[str, Tensor]:
+        named = {f"w.L{i}": w for i, w in self.w.items()}
+        named.update({f"b.L{i}": b for i, b in self.b.items()})
+        named.update({f"pw.L{i}H{h}": w for (i, h), w in self.pw.items()})
+        named.update({f"qv.L{i}H{h}": v for (i, h), v in self.qv.items()})
+        return named
 
     def refresh(self) -> None:
         """Write the current parameters into the graph's edges and pairs (differentiably)."""
@@ -142,11 +146,15 @@ def tune_formulas(
     lr: float = 1e-3,
     rows: int = 16,
     seed: int = 0,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 50,
+    resume: bool = False,
     progress: bool = True,
 ) -> tuple[dict[int, FittedLayer], dict[int, dict[int, TunedPairs]], list[float]]:
     """Train the weights of ``graph``'s fitted k-edge formulas (and, with ``pairs``, the kept
     query-key pair weights) end to end on ``batches``. Returns the tuned formulas, the tuned
-    pairs (empty without ``pairs``) and the KL per step."""
+    pairs (empty without ``pairs``) and the KL per step. ``checkpoint``: a file the run is
+    saved to every ``checkpoint_every`` steps (``resume`` continues from it)."""
     if k not in graph.fitted:
         raise ConfigError(
             f"no fitted formulas for k={k} to tune (fitted: {sorted(graph.fitted)}; "
@@ -156,33 +164,25 @@ def tune_formulas(
         raise ConfigError("this graph was built without QK pairs (level 3)")
     if steps < 1 or rows < 1:
         raise ConfigError(f"steps and rows must be at least 1, got {steps} and {rows}")
-    data = torch.cat(list(batches)) if batches else torch.zeros(0, 0, dtype=torch.long)
-    if len(data) == 0:
-        raise ConfigError("tuning needs at least one row of tokens")
+    data = token_rows(batches)
     model = graph.weights.model
     formulas = _Formulas(graph, k, pairs)
 
     def run(batch: Tensor, mask: Tensor) -> Tensor:
+        formulas.refresh()
         return formulas.acg.run(batch, grad=True).logits
 
-    opt = torch.optim.Adam(formulas.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
     # only the formulas learn: the model's and the transcoders' own weights get no gradients
     frozen = [p for m in (model, *graph.weights.transcoders) for p in m.parameters()]
     frozen = [p for p in frozen if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    losses: list[float] = []
     try:
-        bar = tqdm(range(steps), desc=f"acg: tune k={k}", disable=None if progress else True)
-        for _ in bar:
-            formulas.refresh()
-            loss = sampled_kl(model, data, rows, gen, run)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(kl=f"{losses[-1]:.4f}")
+        losses = kl_training(
+            model, formulas.parameters(), data, run, steps=steps, lr=lr, rows=rows, seed=seed,
+            checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+            desc=f"acg: tune k={k}", progress=progress,
+        )  # fmt: skip
     finally:
         for p in frozen:
             p.requires_grad_(True)
