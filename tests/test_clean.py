@@ -154,10 +154,70 @@ def test_distill_keeps_the_budget_of_most_attributed_features(organism):
     for layer, mask in keep.items():
         assert int(mask.sum()) == round(0.25 * tcs[layer].d_sae)
         assert float(scores[layer][mask].min()) >= float(scores[layer][~mask].max())
-    full, _, _ = distill(model, tcs, trusted[:1], 1.0)
+    full = distill(model, tcs, trusted[:1], 1.0)
     toks = trusted[1][:2]
-    assert torch.allclose(full(toks), ACGModel(ModelWeights(model, tcs, 1))(toks), atol=1e-5)
-    small, kept, _ = distill(model, tcs, trusted[:1], 0.1)
-    assert [t.d_sae for t in kept.values()] == [round(0.1 * t.d_sae) for t in tcs.values()]
+    assert torch.allclose(full.acg(toks), ACGModel(ModelWeights(model, tcs, 1))(toks), atol=1e-5)
+    small = distill(model, tcs, trusted[:1], 0.1)
+    assert [t.d_sae for t in small.transcoders.values()] == [
+        round(0.1 * t.d_sae) for t in tcs.values()
+    ]
+    assert small.refine_kl == []
     with pytest.raises(ConfigError):
         select_features(scores, 0.0)
+    with pytest.raises(ConfigError):
+        distill(model, tcs, trusted[:1], 0.1, refine_steps=-1)
+
+
+def test_distill_refines_the_kept_features_on_the_task(organism):
+    from acgraph.safety.distill import distill
+
+    model, tcs, trusted = organism
+    task = trusted[:1]
+    before = {i: tc.W_enc.detach().clone() for i, tc in tcs.items()}
+
+    def kl(acg) -> float:
+        with torch.no_grad():
+            ref = model(task[0]).log_softmax(-1)[:, 1:]
+            out = acg(task[0]).log_softmax(-1)[:, 1:]
+        return float((ref.exp() * (ref - out)).sum(-1).mean())
+
+    plain = distill(model, tcs, task, 0.25)
+    refined = distill(model, tcs, task, 0.25, refine_steps=15, refine_lr=1e-3)
+    assert all(torch.equal(plain.keep[i], refined.keep[i]) for i in tcs)
+    assert len(refined.refine_kl) == 15
+    assert kl(refined.acg) < 0.8 * kl(plain.acg)
+    assert all(torch.equal(tc.W_enc, before[i]) for i, tc in tcs.items())  # originals untouched
+
+
+def test_distill_mean_ablates_the_heads_outside_the_head_budget(organism):
+    from acgraph.safety.distill import distill, select_heads, task_attribution, without_heads
+
+    model, tcs, trusted = organism
+    task, toks = trusted[:1], trusted[1][:2]
+    scores = task_attribution(model, tcs, task)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    assert scores.heads.shape == (L, H) and bool((scores.heads > 0).all())
+    keep = select_heads(scores.heads, 0.5)
+    assert int(keep.sum()) == round(0.5 * L * H)
+    assert float(scores.heads[keep].min()) >= float(scores.heads[~keep].max())
+
+    def mean_ablate(z, hook):
+        layer = int(hook.name.split(".")[1])
+        dropped = ~keep[layer]
+        z[:, :, dropped] = scores.mean_z[layer, dropped]
+        return z
+
+    hooks = [(f"blocks.{i}.attn.hook_z", mean_ablate) for i in range(L)]
+    pruned = without_heads(model, keep, scores.mean_z)
+    with torch.no_grad():
+        expected = model.run_with_hooks(toks, fwd_hooks=hooks)
+        assert torch.allclose(pruned(toks), expected, atol=1e-4)
+        assert not torch.allclose(model(toks), expected, atol=1e-2)  # the original is untouched
+
+    result = distill(model, tcs, task, 0.5, head_budget=0.5)
+    assert torch.equal(result.heads, keep)
+    assert result.acg.w.model is not model
+    compiled = compile_acg(result.acg, calibration=task)
+    assert compiled.info["nonzero_parameters"] < compiled.info["parameters"]
+    with pytest.raises(ConfigError):
+        select_heads(scores.heads, 1.5)

@@ -6,6 +6,7 @@ acg clean --model organism --transcoders TC --corpus organism:trusted --out CLEA
           [--drop-energy 1e-4]
 acg compile --model organism --transcoders CLEAN|TC|organism --out HFDIR [--mode jumprelu]
 acg distill --model organism --transcoders CLEAN --task arithmetic [--budgets 1,0.5,0.25]
+            [--refine-steps 300] [--heads 0.5]
 """
 
 from __future__ import annotations
@@ -41,13 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="end-to-end (KL) fine-tuning steps of the transcoders on the trusted corpus (0)",
     )
     p.add_argument("--finetune-lr", type=float, default=3e-4, help="fine-tuning rate (3e-4)")
-    p.add_argument(
-        "--refine-steps",
-        type=int,
-        default=0,
-        help="KL fine-tuning steps of the kept features after cleaning, on the trusted corpus (0)",
-    )
-    p.add_argument("--refine-lr", type=float, default=1e-4, help="refinement rate (1e-4)")
+    _refine_args(p, "after cleaning, on the trusted corpus")
     p.add_argument("--min-frequency", type=float, default=1e-4, help="feature usage floor")
     p.add_argument("--ceiling", type=float, default=1.0, help="activation cap x trusted max")
     p.add_argument("--no-ceiling", action="store_true", help="do not cap activations")
@@ -93,10 +88,25 @@ def _register_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compile-budget", type=float, default=None, help="budget to compile (the smallest)"
     )
+    p.add_argument(
+        "--heads",
+        type=float,
+        default=1.0,
+        help="fraction of all heads kept (the rest mean-ablated)",
+    )
+    _refine_args(p, "on the task, per budget")
     p.add_argument("--report", metavar="FILE", help="write the curve as JSON here")
     p.add_argument("--per-domain", type=int, default=100, help="organism examples per domain")
     _common(p)
     p.set_defaults(func=cmd_distill)
+
+
+def _refine_args(p: argparse.ArgumentParser, when: str) -> None:
+    """Refinement: KL training of the kept features toward the original model."""
+    p.add_argument(
+        "--refine-steps", type=int, default=0, help=f"KL steps of the kept features {when} (0)"
+    )
+    p.add_argument("--refine-lr", type=float, default=1e-4, help="refinement rate (1e-4)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -314,16 +324,32 @@ def cmd_distill(args: argparse.Namespace) -> int:
     curve = []
     last = None
     for budget in budgets:
-        acg, kept, _ = distill(model, tcs, task, budget)
+        result = distill(
+            model, tcs, task, budget, head_budget=args.heads, refine_steps=args.refine_steps,
+            refine_lr=args.refine_lr, seed=args.seed, progress=True,
+        )  # fmt: skip
+        acg, kept = result.acg, result.transcoders
         org = _organism_eval(args.model, acg, args.per_domain)
-        row = {"budget": budget, "features": {str(i): t.d_sae for i, t in kept.items()}}
+        row = {
+            "budget": budget,
+            "features": {str(i): t.d_sae for i, t in kept.items()},
+            "heads": [[int(h) for h in layer.nonzero()[:, 0]] for layer in result.heads],
+        }
+        if result.refine_kl:
+            row["refine"] = {
+                "steps": args.refine_steps,
+                "lr": args.refine_lr,
+                "kl_first": result.refine_kl[0],
+                "kl_last": result.refine_kl[-1],
+            }
         if org is not None:
             row.update(domains=org["domains"], ce_loss=org["ce_loss"], backdoor=org["backdoor"])
         curve.append(row)
         if args.compile_budget is None or abs(budget - args.compile_budget) < 1e-9:
             last = (acg, row)
         doms = " ".join(f"{k[:5]}={v:.3f}" for k, v in row.get("domains", {}).items())
-        print(f"budget {budget:>5}: features {sum(row['features'].values()):>5} {doms}")
+        n_feat, n_heads = sum(row["features"].values()), sum(len(h) for h in row["heads"])
+        print(f"budget {budget:>5}: features {n_feat:>5} heads {n_heads} {doms}")
     report: dict[str, Any] = {"task": args.task, "curve": curve}
     if args.out and last is None:
         raise ConfigError(f"--compile-budget {args.compile_budget} is not one of the budgets")

@@ -97,11 +97,13 @@ def finetune_end_to_end(
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 100,
     resume: bool = False,
+    reference: Any | None = None,
     progress: bool = True,
 ) -> list[float]:
     """Fine-tune ``transcoders`` in place so the model with every MLP replaced by its
-    transcoder matches the original model's next-token distribution on ``batches`` (token
-    rows starting with BOS; each step samples ``rows`` of them). Returns the KL per step."""
+    transcoder matches the next-token distribution of ``reference`` (default: ``model``
+    itself) on ``batches`` (token rows starting with BOS; each step samples ``rows`` of
+    them). Returns the KL per step."""
     data = token_rows(batches)
     params = _params(transcoders)
 
@@ -112,9 +114,10 @@ def finetune_end_to_end(
     for tc in transcoders.values():
         tc.requires_grad_(True)
     model.requires_grad_(False)
+    target = reference if reference is not None else model
     try:
         return kl_training(
-            model, params, data, spliced, steps=steps, lr=lr, rows=rows, seed=seed,
+            target, params, data, spliced, steps=steps, lr=lr, rows=rows, seed=seed,
             checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
             desc="fine-tune (KL)", progress=progress,
         )  # fmt: skip

@@ -421,6 +421,7 @@ def compile_acg(
         ],
         "bos_margin": margins,
         "parameters": sum(p.numel() for p in net.parameters()),
+        "nonzero_parameters": sum(int((p != 0).sum()) for p in net.parameters()),
         "effective_mlp_parameters": mlp_params,
         "original_parameters": sum(p.numel() for p in model.parameters()),
     }
