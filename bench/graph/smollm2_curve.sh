@@ -11,7 +11,13 @@
 #   2. acg build from CONTEXTS training contexts (no QK pairs: level 3 is not implemented for
 #      rotary models);
 #   3. acg faithfulness on 32 held-out contexts.
-# Environment: LAYERS (6), WIDTH (2048), TOKENS (2600000), CONTEXTS (64), THREADS (2).
+# With SPLICE set (e.g. SPLICE="6 12 18 24 30"), steps 2-3 are replaced by level 1 alone for the
+# first N layers of each value (`acg eval`: those MLPs replaced by their transcoders, no error
+# terms; this is what the graph computes with every edge kept), e.g. for all 30 layers where the
+# graph's build would take hours on a CPU:
+#   LAYERS=30 TOKENS=1500000 BUFFER=16384 SPLICE="30 6 12 18 24" bash bench/graph/smollm2_curve.sh
+# Environment: LAYERS (6), WIDTH (2048), TOKENS (2600000), CONTEXTS (64), THREADS (2),
+# BUFFER (65536 tokens per hook; 16384 keeps 30 layers near 12 GB of RAM), SPLICE (unset).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${1:-/tmp/acg_smollm2}
@@ -20,6 +26,7 @@ WIDTH=${WIDTH:-2048}
 TOKENS=${TOKENS:-2600000}
 CONTEXTS=${CONTEXTS:-64}
 THREADS=${THREADS:-2}
+BUFFER=${BUFFER:-65536}
 ACG=.venv/bin/acg
 SRC=$(ls -d /usr/share/doc/python3*/html/_sources 2>/dev/null | tail -1)
 [ -n "$SRC" ] || { echo "no /usr/share/doc/python3*/html/_sources: apt-get install python3-doc" >&2; exit 1; }
@@ -39,7 +46,18 @@ if [ ! -f "$TC/blocks.$((LAYERS - 1)).hook_mlp_out/cfg.json" ]; then
     resume=(); [ -d "$TC/checkpoints" ] && resume=(--resume)
     $ACG train --model smollm2 --corpus "$WORK/corpus/train" --layers $(seq 0 $((LAYERS - 1))) \
         --kind skip_transcoder --activation topk --k 32 --width "$WIDTH" --tokens "$TOKENS" \
-        --threads "$THREADS" --seed 0 --checkpoint-every 100 --out "$TC" "${resume[@]}"
+        --buffer-tokens "$BUFFER" --threads "$THREADS" --seed 0 --checkpoint-every 100 --out "$TC" "${resume[@]}"
+fi
+
+if [ -n "${SPLICE:-}" ]; then
+    for n in $SPLICE; do
+        report=$WORK/level1_first$n.json
+        [ -f "$report" ] && continue
+        dirs=(); for l in $(seq 0 $((n - 1))); do dirs+=("$TC/blocks.$l.hook_mlp_out"); done
+        $ACG eval "${dirs[@]}" --model smollm2 --corpus "$WORK/corpus/eval" --contexts 32 \
+            --threads "$THREADS" --report "$report"
+    done
+    exit 0
 fi
 
 GRAPH=$WORK/acg$LAYERS

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from acgraph.errors import ConfigError
+from acgraph.progress import progress_bar
 
 from .frozen import Capture, LinearizedModel, capture
 from .graph import AttributionGraph, Target
@@ -185,7 +185,7 @@ def _assemble(
     crow = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
     col = torch.empty(int(crow[-1]), dtype=torch.int32)
     val = torch.empty(int(crow[-1]), dtype=torch.float32)
-    bar = tqdm(total=n_rows, desc="attribution", unit="row", disable=not verbose)
+    bar = progress_bar(total=n_rows, desc="attribution", unit="row", enabled=verbose)
     for start in range(0, n_rows, batch_size):
         rows = torch.arange(start, min(start + batch_size, n_rows), device=dev)
         b_layer, b_pos = row_layer[rows], row_pos[rows]

@@ -48,14 +48,14 @@ def _encode(tokenizer: Any, docs: list[str]) -> list[list[int]]:
 
 
 def _progress(texts: Iterable[str], enabled: bool):
-    from tqdm.auto import tqdm
+    from acgraph.progress import progress_bar
 
     total = len(texts) if isinstance(texts, Sequence) else None
-    return tqdm(
+    return progress_bar(
         total=total,
         desc="tokenizing",
         unit="doc",
-        disable=None if enabled else True,  # None: only on a terminal
+        enabled=enabled,
         leave=False,
     )
 

@@ -152,7 +152,7 @@ def kl_training(
     """Adam on the named leaf tensors ``params`` to minimise KL(model ‖ ``run``) on contexts
     sampled from ``data``, checkpointed to one file every ``checkpoint_every`` steps and at
     the end (``resume`` continues from it exactly). Returns the KL per step."""
-    from tqdm.auto import tqdm
+    from acgraph.progress import progress_bar
 
     if steps < 1 or rows < 1:
         raise ConfigError(f"steps and rows must be at least 1, got {steps} and {rows}")
@@ -166,7 +166,7 @@ def kl_training(
                 f"{path} already holds a training checkpoint: resume it, or delete it to start over"
             )
         losses = _restore(path, params, opt, gen)
-    bar = tqdm(range(len(losses), steps), desc=desc, disable=not progress)
+    bar = progress_bar(range(len(losses), steps), desc=desc, enabled=progress)
     for step in bar:
         loss = sampled_kl(model, data, rows, gen, run)
         opt.zero_grad()

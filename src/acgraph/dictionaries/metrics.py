@@ -236,10 +236,10 @@ def evaluate_dictionaries(
     n_tokens = 0
 
     batches = [tokens[i : i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
-    from tqdm.auto import tqdm
+    from acgraph.progress import progress_bar
 
     # pass 1: reconstruction, sparsity, and the mean of each output hook
-    for batch in tqdm(batches, desc="eval: reconstruction", disable=None if progress else True):
+    for batch in progress_bar(batches, desc="eval: reconstruction", enabled=progress):
         batch = batch.to(device)
         keep = ~torch.isin(batch, excluded.to(device))
         captured = capture_hooks(model, batch, all_hooks, stop=False)
@@ -279,7 +279,7 @@ def evaluate_dictionaries(
         report["all_skipped"] = "several dictionaries write the same hook; no joint splice"
     sums: dict[tuple[str, str], AgreementSums] = {}
     clean = AgreementSums()
-    for batch in tqdm(batches, desc="eval: splicing", disable=None if progress else True):
+    for batch in progress_bar(batches, desc="eval: splicing", enabled=progress):
         batch = batch.to(device)
         keep = ~torch.isin(batch, excluded.to(device))
         targets = batch[:, 1:]

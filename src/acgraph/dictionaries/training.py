@@ -657,14 +657,14 @@ def train_dictionaries(
             _save_final(out, modules, tokens)
         return result
 
-    from tqdm.auto import tqdm
+    from acgraph.progress import progress_bar
 
-    bar = tqdm(
+    bar = progress_bar(
         total=total_steps,
         initial=step,
         desc="training " + ("dictionary" if len(states) == 1 else f"{len(states)} dictionaries"),
         unit="step",
-        disable=None if train_cfg.progress else True,
+        enabled=train_cfg.progress,
         dynamic_ncols=True,
     )
     started = time.perf_counter()

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from acgraph.dictionaries.metrics import AgreementSums, ce_loss_recovered
+from acgraph.progress import progress_bar
 
 from .build import ACGraph
 
@@ -101,7 +101,7 @@ def measure_faithfulness(
     ablated = _mean_ablated(model, _mlp_means(model, batches, graph.layout.n_layers))
     sums = {cfg: AgreementSums() for cfg in configs}
     clean, base = AgreementSums(), AgreementSums()
-    for tokens in tqdm(batches, desc="acg: faithfulness", disable=None if progress else True):
+    for tokens in progress_bar(batches, desc="acg: faithfulness", enabled=progress):
         targets = tokens[:, 1:]
         mask = torch.ones_like(targets, dtype=torch.bool)
         if pad is not None:

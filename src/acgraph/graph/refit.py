@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+
+from acgraph.progress import progress_bar
 
 from .forward import ACGModel, LayerEdges
 from .prune import RankedEdges, select_edges
@@ -155,7 +156,7 @@ def fit_edges(
     fitted: dict[int, FittedLayer] = {}
     edges: dict[int, LayerEdges] = {}
     layers = range(weights.layout.n_layers)
-    for layer in tqdm(layers, desc=f"acg: fit k={k}", disable=None if progress else True):
+    for layer in progress_bar(layers, desc=f"acg: fit k={k}", enabled=progress):
         r = ranked[layer]
         P = min(max(pool or k, k), r.max_k)
         below = ACGModel(weights, dict(edges)) if edges else truth

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+
+from acgraph.progress import progress_bar
 
 from .forward import ACGModel
 
@@ -99,7 +100,7 @@ def collect_stats(
     sums.update(pair={}, qmean={})
     n_pos = n_pairs = 0
     batches = list(batches)
-    for tokens in tqdm(batches, desc="acg: edge statistics", disable=None if progress else True):
+    for tokens in progress_bar(batches, desc="acg: edge statistics", enabled=progress):
         trace = acg.run(tokens, until=layout.n_layers - 1)
         tokens = trace.tokens
         mask = torch.ones_like(tokens, dtype=torch.float32)

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from acgraph.graph.forward import Replacement, Trace
+from acgraph.progress import progress_bar
 
 from .core import Hypothesis, Target
 from .evaluate import Subject, Thresholds, local_fidelity, reference_logits, swap_costs
@@ -53,7 +53,7 @@ def importance(
     feats: list[Tensor] | None = None
     heads: list[Tensor] | None = None
     n = 0
-    for tokens in tqdm(batches, desc="coverage: importance", disable=None if progress else True):
+    for tokens in progress_bar(batches, desc="coverage: importance", enabled=progress):
         leaves = _Leaves()
         trace = subject.acg.run(tokens, replace=leaves, grad=True)
         mask = subject.mask(tokens)[:, 1:]

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from acgraph.dictionaries.metrics import AgreementSums
 from acgraph.graph import ACGModel, ModelWeights
 from acgraph.graph.faithfulness import organism_scores
+from acgraph.progress import progress_bar
 
 from .core import Hypothesis, Target
 from .fidelity import FidelitySums
@@ -74,7 +74,7 @@ def local_fidelity(
     """Each hypothesis on the real model's upstream values against its target's true values."""
     sw = subject.swapped(hyps)
     sums = {t: FidelitySums(t) for t in hyps}
-    for tokens in tqdm(batches, desc="hypotheses: local", disable=None if progress else True):
+    for tokens in progress_bar(batches, desc="hypotheses: local", enabled=progress):
         view = run_model(subject.model, subject.transcoders, tokens)
         mask = subject.mask(tokens)
         for t, h in hyps.items():
@@ -105,9 +105,7 @@ def swap_costs(
     sw = subject.swapped(hyps)
     sums = {name: AgreementSums() for name in ("acg", "acg_vs_acg", "acg_vs_original", "model")}
     clean = AgreementSums()
-    for i, tokens in enumerate(
-        tqdm(batches, desc="hypotheses: swap", disable=None if progress else True)
-    ):
+    for i, tokens in enumerate(progress_bar(batches, desc="hypotheses: swap", enabled=progress)):
         targets = tokens[:, 1:]
         mask = subject.mask(tokens)[:, 1:]
         orig, base = refs[i] if refs is not None else (subject.model(tokens), None)

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+
+from acgraph.progress import progress_bar
 
 from .core import Context, Target
 from .swap import View, run_model
@@ -393,7 +394,7 @@ def fit_all(
         data = collect(subject, batches)
         layers = list(range(len(subject.transcoders))) if layers is None else list(layers)
         out: list[Fitted] = []
-        for layer in tqdm(layers, desc="hypotheses: fit", disable=None if progress else True):
+        for layer in progress_bar(layers, desc="hypotheses: fit", enabled=progress):
             if heads:
                 out += fit_heads(data, subject, layer)
             out += fit_features(data, subject, layer, k, tuple(families))

@@ -15,11 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from acgraph.errors import ArtifactError
 from acgraph.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from acgraph.progress import progress_bar
 
 from .config import OrganismConfig
 from .language import document, vocabulary
@@ -182,8 +182,8 @@ def train(
     end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
     model.train()
     tokens_per_step = cfg.train.batch_size * cfg.language.context_size
-    bar = tqdm(
-        total=cfg.train.steps, initial=start, disable=not progress, desc="organism", unit="step"
+    bar = progress_bar(
+        total=cfg.train.steps, initial=start, enabled=progress, desc="organism", unit="step"
     )
     t0, ema = time.perf_counter(), None
     for step in range(start, end):

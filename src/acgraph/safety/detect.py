@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from acgraph.dictionaries.finetune import valid_mask
 from acgraph.errors import ArtifactError, ConfigError
@@ -37,6 +36,7 @@ from acgraph.graph import build_acg
 from acgraph.graph.forward import ACGModel, Trace
 from acgraph.graph.weights import ModelWeights
 from acgraph.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from acgraph.progress import progress_bar
 
 FORMAT_VERSION = 2
 _EPS = 1e-3
@@ -150,7 +150,7 @@ def fit_edge_detector(
     lo = {i: torch.zeros(idx.shape[0], k + 1) for i, idx in index.items()}
     hi = {i: torch.zeros(idx.shape[0], k + 1) for i, idx in index.items()}
     n_pos = 0
-    for tokens in tqdm(batches, desc="detect: fit", disable=None if progress else True):
+    for tokens in progress_bar(batches, desc="detect: fit", enabled=progress):
         trace = acg.run(tokens)
         mask = valid_mask(trace.tokens, pad_token_id)
         n_pos += int(mask.sum())
