@@ -9,14 +9,13 @@ import torch
 
 from acgraph.cli import main
 from acgraph.errors import ConfigError
-from acgraph.graph import ACGModel, ModelWeights
+from acgraph.graph import ACGModel, ModelWeights, load_transcoders
 from acgraph.safety import clean as clean_module
 from acgraph.safety.clean import (
     CleanConfig,
     clean,
     feature_usage,
     input_subspaces,
-    load_cleaned_transcoders,
     save_cleaned,
 )
 from acgraph.safety.compile import compile_acg, hf_logits
@@ -127,7 +126,7 @@ def test_save_and_load_cleaned_roundtrip(organism, tmp_path):
     model, tcs, trusted = organism
     result = clean(model, tcs, trusted[:1], CleanConfig(min_frequency=1e-3))
     save_cleaned(result, tmp_path / "clean", {"note": "test"})
-    loaded = load_cleaned_transcoders(str(tmp_path / "clean"))
+    loaded = load_transcoders(str(tmp_path / "clean"))  # as every --transcoders reads it
     acg = ACGModel(ModelWeights(model, loaded, 1))
     toks = trusted[1][:2]
     assert torch.allclose(acg(toks), result.acg(toks), atol=1e-5)

@@ -214,10 +214,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     import torch
 
-    from acgraph.graph import ACGModel
+    from acgraph.graph import ACGModel, load_transcoders
     from acgraph.graph.weights import ModelWeights
     from acgraph.models import load_model
-    from acgraph.safety.clean import load_cleaned_transcoders
     from acgraph.safety.compile import (
         agreement,
         compile_acg,
@@ -229,7 +228,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model = load_model(args.model)
-    tcs = load_cleaned_transcoders(args.transcoders)
+    tcs = load_transcoders(args.transcoders)
     corpus = args.corpus or ("organism:trusted" if args.model == "organism" else None)
     if corpus is None:
         raise ConfigError("pass --corpus SPEC (calibration and agreement text)")
@@ -305,9 +304,9 @@ def _task_batches(model: Any, task: str, n: int, context_size: int, seed: int) -
 def cmd_distill(args: argparse.Namespace) -> int:
     import torch
 
+    from acgraph.graph import load_transcoders
     from acgraph.io import atomic_write_json
     from acgraph.models import load_model
-    from acgraph.safety.clean import load_cleaned_transcoders
     from acgraph.safety.compile import compile_acg, hf_logits, save_compiled
     from acgraph.safety.distill import distill
 
@@ -319,7 +318,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
             f"--budgets takes comma-separated fractions, got {args.budgets!r}"
         ) from None
     model = load_model(args.model)
-    tcs = load_cleaned_transcoders(args.transcoders)
+    tcs = load_transcoders(args.transcoders)
     task = _task_batches(model, args.task, args.contexts, args.context_size, args.seed)
     curve = []
     last = None

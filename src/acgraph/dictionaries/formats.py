@@ -52,6 +52,7 @@ from acgraph.errors import ArtifactError, ConfigError
 from acgraph.io import atomic_save_tensors, atomic_write_json, atomic_write_text, load_tensors
 from acgraph.io import read_json as _read_json
 
+from . import capped
 from .config import DictionaryConfig
 from .dictionary import SparseDictionary
 
@@ -616,8 +617,8 @@ def load_circuit_tracer(folder: str | Path, *, device: str | torch.device = "cpu
 
 def load_transcoder_folder(source: str | Path) -> list[SparseDictionary]:
     """Every transcoder in a folder, in eval mode: a circuit-tracer set (``config.yaml``) or
-    SAELens-layout subfolders (``*/cfg.json``; SAEs skipped); ``"organism"`` for the ones
-    shipped with the organism."""
+    SAELens-layout subfolders (``*/cfg.json``; SAEs skipped), a capped set written by `acg clean`
+    or `acg distill` (:mod:`.capped`); ``"organism"`` for the ones shipped with the organism."""
     if str(source) == "organism":
         from acgraph.organism import shipped_transcoders_dir
 
@@ -627,12 +628,15 @@ def load_transcoder_folder(source: str | Path) -> list[SparseDictionary]:
         raise ArtifactError(f"no transcoder folder at {folder}")
     if (folder / "config.yaml").is_file():
         dicts = load_circuit_tracer(folder)
+    elif capped.is_capped_set(folder):
+        dicts = load_transcoder_folder(folder / capped.SUBFOLDER)
+        capped.apply_ceilings(dicts, folder)
     else:
         subs = sorted(p for p in folder.iterdir() if (p / "cfg.json").is_file())
         if not subs:
             raise ArtifactError(
-                f"{folder} holds neither a circuit-tracer set (config.yaml) nor SAELens-layout "
-                "folders (*/cfg.json)"
+                f"{folder} holds no transcoders: neither a circuit-tracer set (config.yaml), "
+                "SAELens-layout folders (*/cfg.json) nor an `acg clean`/`acg distill` output"
             )
         dicts = [d for d in (load_dictionary(p) for p in subs) if d.cfg.kind != "sae"]
     for d in dicts:

@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from acgraph.dictionaries import capped
+from acgraph.dictionaries.capped import CappedActivation
 from acgraph.dictionaries.finetune import valid_mask
-from acgraph.errors import ArtifactError, ConfigError
+from acgraph.errors import ConfigError
 
 from .compile import calibrate_thresholds, derive_transcoder
 
@@ -68,23 +70,6 @@ class CleanResult:
     usage: dict[int, FeatureUsage]
     config: CleanConfig
     info: dict[str, Any] = field(default_factory=dict)
-
-
-class CappedActivation(nn.Module):
-    """``min(inner(pre), ceiling)`` per feature: an activation may not exceed what trusted data
-    reached. Exactly expressible with one extra ReLU unit per feature (compile.py)."""
-
-    def __init__(self, inner: nn.Module, ceiling: Tensor):
-        super().__init__()
-        self.inner = inner
-        self.register_buffer("ceiling", ceiling.clone())
-
-    def forward(self, pre: Tensor) -> Tensor:
-        return torch.minimum(self.inner(pre), self.ceiling.to(pre.dtype))
-
-    def jumprelu_threshold(self) -> Tensor | None:
-        fn = getattr(self.inner, "jumprelu_threshold", None)
-        return fn() if fn is not None else None
 
 
 @torch.no_grad()
@@ -204,42 +189,17 @@ def clean(
 # ---------------------------------------------------------------- files
 
 CLEAN_REPORT = "clean.json"
-CEILINGS = "ceilings.safetensors"
 
 
 def save_cleaned(result: CleanResult, folder: str | Path, report: dict[str, Any]) -> Path:
-    """``folder/transcoders/<hook>/`` (SAELens layout), ``ceilings.safetensors`` (activation
-    caps) and ``clean.json`` (the report); `acg compile --transcoders folder` reads it back."""
+    """A capped transcoder set (:mod:`acgraph.dictionaries.capped`) plus ``clean.json`` (the
+    report); every command that takes ``--transcoders`` reads the folder back."""
     from acgraph.dictionaries.formats import save_dictionary
-    from acgraph.io import atomic_save_tensors, atomic_write_json
+    from acgraph.io import atomic_write_json
 
     folder = Path(folder).expanduser()
-    caps = {}
-    for layer, tc in result.transcoders.items():
-        save_dictionary(tc, folder / "transcoders" / tc.cfg.hook_out)
-        ceiling = getattr(tc.activation, "ceiling", None)
-        if ceiling is not None:
-            caps[f"L{layer}"] = ceiling
-    atomic_save_tensors(folder / CEILINGS, caps)
+    for tc in result.transcoders.values():
+        save_dictionary(tc, folder / capped.SUBFOLDER / tc.cfg.hook_out)
+    capped.save_ceilings(result.transcoders.values(), folder)
     atomic_write_json(folder / CLEAN_REPORT, {"format_version": 1, **report})
     return folder
-
-
-def load_cleaned_transcoders(spec: str) -> dict[int, Any]:
-    """Transcoders from an `acg clean` folder (with their activation caps), or any spec
-    :func:`acgraph.graph.load_transcoders` accepts."""
-    from acgraph.graph import load_transcoders
-    from acgraph.io import load_tensors
-
-    root = Path(spec).expanduser()
-    if not (root / CLEAN_REPORT).is_file():
-        return load_transcoders(spec)
-    tcs = load_transcoders(str(root / "transcoders"))
-    caps = load_tensors(root / CEILINGS) if (root / CEILINGS).is_file() else {}
-    for layer, tc in tcs.items():
-        if f"L{layer}" in caps:
-            ceiling = caps[f"L{layer}"]
-            if ceiling.shape != (tc.d_sae,):
-                raise ArtifactError(f"{root}: activation caps of layer {layer} do not match")
-            tc.activation = CappedActivation(tc.activation, ceiling.to(tc.W_enc))
-    return tcs

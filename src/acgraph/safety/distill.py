@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from acgraph.dictionaries.capped import CappedActivation
 from acgraph.errors import ConfigError
 
 from .compile import derive_transcoder
@@ -193,8 +194,6 @@ def distill(
     for i, tc in kept.items():  # an activation cap travels with the features it caps
         cap = getattr(transcoders[i].activation, "ceiling", None)
         if cap is not None:
-            from .clean import CappedActivation
-
             tc.activation = CappedActivation(tc.activation, cap[keep[i]])
     losses = []
     if refine_steps:
