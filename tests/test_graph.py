@@ -167,6 +167,54 @@ def test_statistics_of_unseen_tokens_are_zero_and_of_seen_ones_exact(case):
         assert float(stats.mean_abs[(layer, c)][: weights.layout.d_vocab][unseen].abs().max()) == 0
 
 
+def _all_pairs(weights, stats, n=None):
+    """Level 3 with every query-key source pair kept (or the top ``n``), for every head."""
+    n = n or weights.layout.space(weights.layout.head_site(weights.layout.n_layers - 1)).size ** 2
+    return {
+        layer: {h: select_pairs(rank_pairs(weights, stats, layer, h, n), n, weights, layer, h)
+                for h in range(weights.layout.n_heads)}
+        for layer in range(weights.layout.n_layers)
+    }  # fmt: skip
+
+
+def test_all_pairs_reproduce_exact_attention_tiny_models(case):
+    """Level 3 with every pair kept is the exact score, rotary models included (there the pair
+    weights depend on the offset, and the key-bias terms are not constant along the key axis)."""
+    from acgraph.graph.stats import collect_stats
+
+    _, _, weights = case
+    acg = ACGModel(weights)
+    stats = collect_stats(acg, [tokens(n=4, seed=6)], progress=False)
+    toks = tokens(n=3, seed=7)
+    exact = acg.run(toks)
+    level3 = ACGModel(weights, qk=_all_pairs(weights, stats)).run(toks)
+    for layer in range(weights.layout.n_layers):
+        assert close(level3.pattern[layer], exact.pattern[layer]) < TOL
+    assert close(level3.logits, exact.logits) < TOL
+    pruned = ACGModel(weights, qk=_all_pairs(weights, stats, 8))(toks)
+    assert bool(pruned.isfinite().all()) and close(pruned, exact.logits) > 10 * TOL
+
+
+def test_pair_candidates_restrict_the_pair_statistics_to_a_sub_block(case):
+    """With fewer candidates than sources, the pair statistics (a second pass) are exactly the
+    candidates' block of the full ones, and ranking keeps only candidate pairs."""
+    from acgraph.graph.stats import collect_stats
+
+    _, _, weights = case
+    acg = ACGModel(weights)
+    batches = [tokens(n=3, seed=8), tokens(n=2, seed=9)]
+    full = collect_stats(acg, batches, progress=False, pair_candidates=None)
+    part = collect_stats(acg, batches, progress=False, pair_candidates=10)
+    for layer in range(weights.layout.n_layers):
+        cq, ck = part.pair_q[layer], part.pair_k[layer]
+        assert len(cq) == len(ck) == 10
+        assert close(part.pair_abs[layer], full.pair_abs[layer][cq][:, ck]) < TOL
+        assert close(part.query_mean[layer], full.query_mean[layer]) < TOL
+        ranked = rank_pairs(weights, part, layer, 0, 30)
+        assert bool(torch.isin(ranked.q, cq).all()) and bool(torch.isin(ranked.k, ck).all())
+    assert part.n_pairs == full.n_pairs > 0
+
+
 def test_scale_nodes_come_from_the_graph_residual_not_the_model(case):
     model, tcs, weights = case
     toks = tokens(seed=4)
@@ -223,12 +271,7 @@ def test_all_pairs_reproduce_exact_attention(organism_graph):
     constant along the key axis, which softmax ignores)."""
     graph, batches, held = organism_graph
     w = graph.weights
-    n = w.layout.space(w.layout.head_site(w.layout.n_layers - 1)).size
-    qk = {
-        layer: {h: select_pairs(rank_pairs(w, graph.stats, layer, h, n * n), n * n)
-                for h in range(w.layout.n_heads)}
-        for layer in range(w.layout.n_layers)
-    }  # fmt: skip
+    qk = _all_pairs(w, graph.stats)
     exact = graph.model()(held[:2])
     assert close(ACGModel(w, qk=qk)(held[:2]), exact) < TOL
 

@@ -20,6 +20,7 @@ def test_log_lines_when_stderr_is_not_a_terminal(capsys, monkeypatch):
     lines = err.splitlines()
     assert lines and all(line.startswith("acg: job: ") for line in lines)
     assert "4/4" in lines[-1] and "loss=3.0" in lines[-1]
+    assert sum("4/4" in line for line in lines) == 1  # close() does not repeat the last line
 
 
 def test_short_jobs_and_disabled_bars_print_nothing(capsys):

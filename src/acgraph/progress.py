@@ -27,8 +27,11 @@ class _LogLines(plain_tqdm):
         start = getattr(self, "start_t", None)  # unset during tqdm's own __init__ refresh
         if start is None or self._time() - start < LOG_INTERVAL_S:
             return True
+        if self.n == getattr(self, "_written_n", None):  # close() repeats the last refresh
+            return True
         self.fp.write((msg or self.__str__()).strip() + "\n")
         self.fp.flush()
+        self._written_n = self.n
         return True
 
 

@@ -35,6 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pairs", type=int, default=16384, help="QK pairs stored per head")
     p.add_argument("--no-qk", action="store_true", help="skip QK pairs (no level 3)")
     p.add_argument(
+        "--pair-candidates",
+        type=int,
+        default=4096,
+        help="sources per side and layer whose QK pairs are ranked (where a site has more)",
+    )
+    p.add_argument(
         "--fit-k",
         default="8,32,64",
         help="k values to fit least-squares formulas for ('' for none; default 8,32,64)",
@@ -184,6 +190,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         max_k=args.max_k,
         max_pairs=args.max_pairs,
         qk=not args.no_qk,
+        pair_candidates=args.pair_candidates,
         fit_ks=fit_ks,
         fit_pool=args.fit_pool,
         meta={"model": model_spec, "transcoders": tc_spec, "corpus": corpus, "seed": args.seed},

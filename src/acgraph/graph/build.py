@@ -128,8 +128,9 @@ class ACGraph:
                 raise ConfigError("this graph was built without QK pairs (level 3)")
             if pairs < 1:
                 raise ConfigError(f"pairs must be at least 1, got {pairs}")
+            w = self.weights
             qk = {
-                i: {h: select_pairs(r, pairs) for h, r in heads.items()}
+                i: {h: select_pairs(r, pairs, w, i, h) for h, r in heads.items()}
                 for i, heads in self.pairs.items()
             }
             if tuned and k is not None:
@@ -187,6 +188,7 @@ def build_acg(
     max_k: int = 64,
     max_pairs: int = 16384,
     qk: bool = True,
+    pair_candidates: int | None = 4096,
     fit_ks: Sequence[int] = (),
     fit_pool: int = 4,
     meta: dict[str, Any] | None = None,
@@ -199,16 +201,23 @@ def build_acg(
         raise ConfigError(f"max_k must be at least 1, got {max_k}")
     if fit_pool < 1:
         raise ConfigError(f"fit_pool must be at least 1, got {fit_pool}")
+    if pair_candidates is not None and pair_candidates < 1:
+        raise ConfigError(f"pair_candidates must be at least 1, got {pair_candidates}")
     if any(not 1 <= k <= max_k for k in fit_ks):
         raise ConfigError(f"every fitted k must be in 1..max_k={max_k}, got {list(fit_ks)}")
-    if qk and model.cfg.positional_embedding_type == "rotary":
-        qk = False  # level 3 is not implemented for rotary models yet (see weights.qk_vectors)
     tokenizer = getattr(model, "tokenizer", None)
     bos = getattr(tokenizer, "bos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None)
     start = time.perf_counter()
     weights = ModelWeights(model, transcoders, bos)
-    stats = collect_stats(ACGModel(weights), batches, pad_token_id=pad, qk=qk, progress=progress)
+    stats = collect_stats(
+        ACGModel(weights),
+        batches,
+        pad_token_id=pad,
+        qk=qk,
+        pair_candidates=pair_candidates,
+        progress=progress,
+    )
     edges = {
         layer: rank_edges(weights, stats, layer, max_k) for layer in range(weights.layout.n_layers)
     }
@@ -230,6 +239,7 @@ def build_acg(
         "layout": weights.layout.describe(),
         "max_k": max_k,
         "max_pairs": max_pairs if qk else 0,
+        "pair_candidates": pair_candidates,
         "fit_ks": sorted(fitted),
         "fit_pool": fit_pool,
         "bos_token_id": bos,

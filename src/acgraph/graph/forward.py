@@ -55,6 +55,21 @@ class QKPairs:
     weight: Tensor  # [n_q, n_k] dense, or its transpose [n_k, n_q] as sparse CSR
     query_vec: Tensor  # [d_head]: dotted with the key of the whole graph residual
     key_corr: Tensor  # [n_k]: minus the kept pairs at their query mean
+    rotary: RotaryPairs | None = None  # rotary models: the pairs as vectors (weight unused)
+
+
+@dataclass
+class RotaryPairs:
+    """Level 3 attention of one head of a rotary model, where a pair's weight depends on the
+    offset: ``score(t, u) = Σ_kept (ã_j(t) − μ_j) ã_m(u) R_t q_j · R_u k_m + R_t query_vec ·
+    R_u (k(u) + key_bias) + R_t (q(t) − mean_query) · R_u key_bias``, q(t) and k(u) of the whole
+    graph residual. With every pair kept this is the exact score."""
+
+    spread: Tensor  # sparse CSR [n_k * d_head, n_q]: q_j[d] at row m·d_head + d for kept (j, m)
+    k_vecs: Tensor  # [n_k, d_head]
+    q_mean: Tensor  # [n_q]: μ_j, the mean of ã_j on query positions
+    mean_query: Tensor  # [d_head]: Σ_j μ_j q_j over every source
+    key_bias: Tensor  # [d_head]
 
 
 class Replacement:
@@ -328,6 +343,9 @@ class ACGModel:
             p = self.qk[layer][h]
             qa = self._columns(trace, site, p.q_slots) / s1[..., None]
             ka = self._columns(trace, site, p.k_slots) / s1[..., None]
+            if p.rotary is not None:
+                heads.append(self._rotary_scores(p, qa, ka, n1, layer, h))
+                continue
             if p.weight.is_sparse_csr:  # [n_k, n_q]: the transposed pair weights
                 B, T, _ = qa.shape
                 left = (p.weight @ qa.reshape(B * T, -1).T).T.reshape(B, T, -1)
@@ -337,3 +355,24 @@ class ACGModel:
             key = self.w.keys(layer, h, n1) @ p.query_vec + ka @ p.key_corr
             heads.append(pair + key[:, None, :])
         return torch.stack(heads, 1)
+
+    def _rotary_scores(
+        self, p: QKPairs, qa: Tensor, ka: Tensor, n1: Tensor, layer: int, h: int
+    ) -> Tensor:
+        """:class:`RotaryPairs` scores ``[B, T, T]``, one sequence at a time (the rotated
+        per-pair vectors are ``[T, n_k, d_head]``)."""
+        r, w = p.rotary, self.w
+        d = r.k_vecs.shape[1]
+        queries = w.queries(layer, h, n1) - r.mean_query  # [B, T, d]
+        keys = w.keys(layer, h, n1) + r.key_bias
+        out = []
+        for b in range(qa.shape[0]):
+            T = qa.shape[1]
+            left = (r.spread @ (qa[b] - r.q_mean).T).T.reshape(1, T, -1, d)
+            right = ka[b][..., None] * r.k_vecs  # [T, n_k, d]
+            pair = w.rotate(layer, left).flatten(2) @ w.rotate(layer, right[None]).flatten(2).mT
+            side_q = torch.stack([p.query_vec.expand(T, d), queries[b]], 1)[None]  # [1, T, 2, d]
+            side_k = torch.stack([keys[b], r.key_bias.expand(T, d)], 1)[None]
+            rest = w.rotate(layer, side_q).flatten(2) @ w.rotate(layer, side_k).flatten(2).mT
+            out.append((pair + rest)[0])
+        return torch.stack(out)

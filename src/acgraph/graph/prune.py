@@ -15,7 +15,7 @@ from torch import Tensor
 
 from acgraph.errors import ConfigError
 
-from .forward import ChannelEdges, LayerEdges, QKPairs
+from .forward import ChannelEdges, LayerEdges, QKPairs, RotaryPairs
 from .layout import Channel
 from .stats import EdgeStats
 from .weights import ModelWeights
@@ -172,16 +172,20 @@ class RankedPairs:
 
 @torch.no_grad()
 def rank_pairs(weights: ModelWeights, stats: EdgeStats, layer: int, head: int, max_pairs: int):
-    """Rank query-key source pairs by mean |ã_j(t) W_jm ã_m(u)| over causal (t, u)."""
+    """Rank query-key source pairs (among the statistics' candidates) by mean |ã_j(t) W_jm
+    ã_m(u)| over causal (t, u). Rotary models: |W_jm| is the largest the pair weight gets at
+    any offset (:func:`rotary_bound`); ``weight`` holds its value at offset 0."""
     q, k, q_bias = weights.qk_vectors(layer, head)
-    W = q @ k.T  # [n, n]
-    imp = W.abs() * stats.pair_abs[layer].to(W)
+    cq, ck = stats.pair_q[layer], stats.pair_k[layer]
+    W = q[cq] @ k[ck].T  # [n_q candidates, n_k candidates]
+    size = rotary_bound(weights, q[cq], k[ck]) if weights.rotary else W.abs()
+    imp = size * stats.pair_abs[layer].to(W)
     top = imp.flatten().topk(min(max_pairs, imp.numel()))
-    n = W.shape[0]
+    n = W.shape[1]
     mean_q = stats.query_mean[layer].to(W)
     return RankedPairs(
-        q=top.indices // n,
-        k=top.indices % n,
+        q=cq[top.indices // n],
+        k=ck[top.indices % n],
         weight=W.flatten()[top.indices],
         importance=top.values,
         query_vec=q_bias + mean_q @ q,
@@ -189,13 +193,39 @@ def rank_pairs(weights: ModelWeights, stats: EdgeStats, layer: int, head: int, m
     )
 
 
-def select_pairs(ranked: RankedPairs, n_pairs: int) -> QKPairs:
+def rotary_bound(weights: ModelWeights, q: Tensor, k: Tensor) -> Tensor:
+    """``max over offsets δ of |q_j·R(δ) k_m|`` bounded by plane: a rotation keeps each rotated
+    plane's norm, so the bound is Σ_planes |q_j,f| |k_m,f| + |q_j·k_m| over unrotated dims."""
+    cfg = weights.cfg
+    r = cfg.rotary_dim
+    planes = []
+    for v in (q, k):
+        rot = v[:, :r]
+        if cfg.rotary_adjacent_pairs:
+            pairs = rot.reshape(len(v), r // 2, 2)
+        else:
+            pairs = torch.stack([rot[:, : r // 2], rot[:, r // 2 :]], -1)
+        planes.append(pairs.norm(dim=-1))
+    return planes[0] @ planes[1].T + (q[:, r:] @ k[:, r:].T).abs()
+
+
+def select_pairs(
+    ranked: RankedPairs,
+    n_pairs: int,
+    weights: ModelWeights | None = None,
+    layer: int | None = None,
+    head: int | None = None,
+) -> QKPairs:
     """Keep the top ``n_pairs``. Dropped pairs see their query side at its mean: the score is
     ``kept pairs + k(u)·query_vec − (kept pairs at their query mean)``, where ``k(u)`` is the
-    key of the whole graph residual (linear in the key-side nodes)."""
+    key of the whole graph residual (linear in the key-side nodes). Rotary models need
+    ``weights``, ``layer`` and ``head``: their pairs run as vectors (:class:`RotaryPairs`)."""
     q, k, w = ranked.q[:n_pairs], ranked.k[:n_pairs], ranked.weight[:n_pairs]
     q_used, q_local = torch.unique(q, return_inverse=True)
     k_used, k_local = torch.unique(k, return_inverse=True)
+    rotary = None
+    if weights is not None and weights.rotary:
+        rotary = _rotary_pairs(ranked, weights, layer, head, q_used, q_local, k_used, k_local)
     if q_used.numel() * k_used.numel() <= _DENSE_LIMIT:
         weight = torch.zeros(q_used.numel(), k_used.numel(), dtype=w.dtype)
         weight.index_put_((q_local, k_local), w, accumulate=True)
@@ -203,4 +233,22 @@ def select_pairs(ranked: RankedPairs, n_pairs: int) -> QKPairs:
         weight = _csr(torch.stack([k_local, q_local]), w, (k_used.numel(), q_used.numel()))
     corr = torch.zeros(k_used.numel(), dtype=w.dtype)
     corr.index_add_(0, k_local, ranked.mean_q[q] * w)
-    return QKPairs(q_used, k_used, weight, ranked.query_vec, -corr)
+    return QKPairs(q_used, k_used, weight, ranked.query_vec, -corr, rotary)
+
+
+def _rotary_pairs(ranked, weights, layer, head, q_used, q_local, k_used, k_local) -> RotaryPairs:
+    if layer is None or head is None:
+        raise ConfigError("rotary QK pairs need the layer and head they belong to")
+    q_all, k_all, _ = weights.qk_vectors(layer, head)
+    d = q_all.shape[1]
+    rows = (k_local[:, None] * d + torch.arange(d)).flatten()
+    cols = q_local[:, None].expand(-1, d).flatten()
+    vals = q_all[q_used][q_local].flatten()
+    spread = _csr(torch.stack([rows, cols]), vals, (len(k_used) * d, len(q_used)))
+    return RotaryPairs(
+        spread=spread,
+        k_vecs=k_all[k_used],
+        q_mean=ranked.mean_q[q_used],
+        mean_query=ranked.mean_q @ q_all,
+        key_bias=weights.key_bias(layer, head),
+    )

@@ -4,7 +4,9 @@ The contribution of edge (source j, channel c) to a feature of layer l at positi
 ``w · G_c(t, j) / s_l(t)``, with ``w`` constant. So mean(w·a) and mean|w·a| of every edge follow
 from two statistics per (target layer, channel, source): E[G/s] and E[|G|/s], over positions
 after the BOS that are not padding. For level 3 the same goes for query-key pairs: E over causal
-(t, u) of |ã_j(t)| |ã_m(u)|, with ã = a/s at the head's site.
+(t, u) of |ã_j(t)| |ã_m(u)|, with ã = a/s at the head's site. Where a site has more sources than
+``pair_candidates`` (a real vocabulary), the pair statistics cover only the candidates of each
+side (largest E|ã| times the largest query or key norm over heads), in a second pass.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ class EdgeStats:
     mean: dict[tuple[int, int], Tensor] = field(default_factory=dict)
     mean_abs: dict[tuple[int, int], Tensor] = field(default_factory=dict)
     mean_sq: dict[tuple[int, int], Tensor] = field(default_factory=dict)
-    pair_abs: dict[int, Tensor] = field(default_factory=dict)
+    pair_abs: dict[int, Tensor] = field(default_factory=dict)  # [n_q candidates, n_k candidates]
+    pair_q: dict[int, Tensor] = field(default_factory=dict)  # query-side candidate slots
+    pair_k: dict[int, Tensor] = field(default_factory=dict)  # key-side candidate slots
     query_mean: dict[int, Tensor] = field(default_factory=dict)
     n_positions: int = 0
     n_pairs: int = 0
@@ -76,6 +80,33 @@ def _batch_slots(layout, site: int, tokens: Tensor) -> Tensor:
     return torch.cat([tokens.unique(), torch.arange(tok.stop, space.size + 1)])
 
 
+def _pair_sums(acg: ACGModel, trace, layer: int, mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    """Σ over causal (t, u), t valid, of |ã_j(t)| |ã_m(u)| for query slots ``q`` and key slots
+    ``k`` (u = 0 included: the BOS is a key like any other): a cumulative sum over u, then one
+    product over (batch, t)."""
+    site = acg.layout.head_site(layer)
+    s1 = trace.s1[layer][..., None]
+    a_k = (acg.source_columns(trace, site, k) / s1).abs()
+    a_q = (a_k if q is k else (acg.source_columns(trace, site, q) / s1).abs()) * mask[..., None]
+    seen = a_k.cumsum(1)  # [B, t, m]: Σ_{u <= t}
+    return (a_q.flatten(0, 1).T @ seen.flatten(0, 1)).double()
+
+
+def _candidates(acg: ACGModel, layer: int, mean_abs: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The ``n`` query-side and key-side sources of ``layer``'s head site most able to move a
+    score: E|ã| times the largest query (key) norm over the heads."""
+    w = acg.w
+    q_norm = torch.zeros_like(mean_abs)
+    k_norm = torch.zeros_like(mean_abs)
+    for h in range(acg.layout.n_heads):
+        q, k, _ = w.qk_vectors(layer, h)
+        q_norm = torch.maximum(q_norm, q.norm(dim=-1).to(q_norm))
+        k_norm = torch.maximum(k_norm, k.norm(dim=-1).to(k_norm))
+    pick = [(mean_abs * norm).topk(min(n, len(mean_abs))).indices.sort().values
+            for norm in (q_norm, k_norm)]  # fmt: skip
+    return pick[0], pick[1]
+
+
 @torch.no_grad()
 def collect_stats(
     acg: ACGModel,
@@ -83,9 +114,11 @@ def collect_stats(
     *,
     pad_token_id: int | None = None,
     qk: bool = True,
+    pair_candidates: int | None = 4096,
     progress: bool = True,
 ) -> EdgeStats:
-    """Accumulate :class:`EdgeStats` over token batches with the level-1 graph."""
+    """Accumulate :class:`EdgeStats` over token batches with the level-1 graph; query-key pair
+    statistics over at most ``pair_candidates`` sources per side and layer (None: all)."""
     layout = acg.layout
     stats = EdgeStats()
     readers = _readers(layout)
@@ -100,13 +133,12 @@ def collect_stats(
     sums.update(pair={}, qmean={})
     n_pos = n_pairs = 0
     batches = list(batches)
+    sizes = [layout.space(layout.head_site(i)).size for i in range(layout.n_layers)]
+    one_pass = pair_candidates is None or max(sizes) <= pair_candidates
     for tokens in progress_bar(batches, desc="acg: edge statistics", enabled=progress):
         trace = acg.run(tokens, until=layout.n_layers - 1)
         tokens = trace.tokens
-        mask = torch.ones_like(tokens, dtype=torch.float32)
-        mask[:, 0] = 0
-        if pad_token_id is not None:
-            mask = mask * (tokens != pad_token_id)
+        mask = _valid(tokens, pad_token_id)
         n_pos += int(mask.sum())
         weight = [(mask / trace.s2[layer])[..., None] for layer in range(layout.n_layers)]
         for channel, pairs in readers.items():
@@ -121,21 +153,49 @@ def collect_stats(
             del g
         for layer in range(layout.n_layers if qk else 0):
             site = layout.head_site(layer)
-            slots = torch.arange(layout.space(site).size)
+            slots = _batch_slots(layout, site, tokens)[:-1]  # no bias slot
             a = acg.source_columns(trace, site, slots) / trace.s1[layer][..., None]
-            T = tokens.shape[1]
-            causal = torch.ones(T, T).tril() * mask[:, :, None]  # [B, t, u]
-            pair = torch.einsum("btj,btu,bum->jm", a.abs(), causal, a.abs())
-            _accumulate(sums["pair"], layer, pair.double())
-            _accumulate(sums["qmean"], layer, (a * mask[..., None]).sum((0, 1)).double())
+            a = a * mask[..., None]
+            size = layout.space(site).size
+            sums["qmean"].setdefault(layer, torch.zeros(size, dtype=torch.float64))
+            sums["qmean"][layer].index_add_(0, slots, a.sum((0, 1)).double())
+            sums.setdefault("abs", {}).setdefault(layer, torch.zeros(size, dtype=torch.float64))
+            sums["abs"][layer].index_add_(0, slots, a.abs().sum((0, 1)).double())
+            if one_pass:
+                every = torch.arange(size)
+                _accumulate(sums["pair"], layer, _pair_sums(acg, trace, layer, mask, every, every))
             if layer == 0:
-                n_pairs += int(causal.sum())
+                n_pairs += int((mask * torch.arange(1, mask.shape[1] + 1)).sum())  # (t, u <= t)
     for key, s in sums["mean"].items():
         stats.mean[key] = (s / max(n_pos, 1)).float()
         stats.mean_abs[key] = (sums["mean_abs"][key] / max(n_pos, 1)).float()
         stats.mean_sq[key] = (sums["mean_sq"][key] / max(n_pos, 1)).float()
+    for layer, s in sums["qmean"].items():
+        stats.query_mean[layer] = (s / max(n_pos, 1)).float()
+        if one_pass:
+            stats.pair_q[layer] = stats.pair_k[layer] = torch.arange(len(s))
+        else:
+            mean_abs = (sums["abs"][layer] / max(n_pos, 1)).float()
+            stats.pair_q[layer], stats.pair_k[layer] = _candidates(
+                acg, layer, mean_abs, pair_candidates
+            )
+    if qk and not one_pass:
+        for tokens in progress_bar(batches, desc="acg: pair statistics", enabled=progress):
+            trace = acg.run(tokens, until=layout.n_layers - 1)
+            mask = _valid(trace.tokens, pad_token_id)
+            for layer in range(layout.n_layers):
+                pair = _pair_sums(acg, trace, layer, mask, stats.pair_q[layer], stats.pair_k[layer])
+                _accumulate(sums["pair"], layer, pair)
     for layer, s in sums["pair"].items():
         stats.pair_abs[layer] = (s / max(n_pairs, 1)).float()
-        stats.query_mean[layer] = (sums["qmean"][layer] / max(n_pos, 1)).float()
     stats.n_positions, stats.n_pairs = n_pos, n_pairs
     return stats
+
+
+def _valid(tokens: Tensor, pad_token_id: int | None) -> Tensor:
+    """1 at positions after the BOS that are not padding."""
+    mask = torch.ones_like(tokens, dtype=torch.float32)
+    mask[:, 0] = 0
+    if pad_token_id is not None:
+        mask = mask * (tokens != pad_token_id)
+    return mask

@@ -162,6 +162,8 @@ def tune_formulas(
         )
     if pairs is not None and not graph.pairs:
         raise ConfigError("this graph was built without QK pairs (level 3)")
+    if pairs is not None and graph.weights.rotary:
+        raise ConfigError("tuning QK pairs is not supported for rotary models (tune without pairs)")
     if steps < 1 or rows < 1:
         raise ConfigError(f"steps and rows must be at least 1, got {steps} and {rows}")
     data = token_rows(batches)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from acgraph.errors import ArtifactError, ConfigError
+from acgraph.errors import ArtifactError
 
 from .layout import INDIRECT_KINDS, Channel, Layout
 
@@ -214,18 +214,38 @@ class ModelWeights:
         """Query- and key-side vectors of every source at ``layer``'s head site and the query
         bias, all divided by sqrt(attention scale), so that ``score(t, u) = Σ_jm ã_j(t)
         (q_j·k_m) ã_m(u) + k(u)·q_bias + (terms constant in u, which softmax ignores)``,
-        with ã = a/s and ``k(u) = Σ_m ã_m(u) k_m``."""
-        if self.cfg.positional_embedding_type == "rotary":
-            raise ConfigError("QK pair pruning (level 3) is not implemented for rotary models yet")
+        with ã = a/s and ``k(u) = Σ_m ã_m(u) k_m``. Rotary models rotate both sides by their
+        positions first (:meth:`rotate`): the pair weight is ``q_j·R(u−t) k_m``, and the terms
+        with the key bias (:meth:`key_bias`) are no longer constant in u."""
         site = self.layout.head_site(layer)
         read = self.norm_read(self.source_vectors(site), layer)
-        root = float(self.model.blocks[layer].attn.attn_scale) ** 0.5
+        root = self._root(layer)
         q = read @ self.W_Q[layer][head] / root
         k = read @ self.W_K[layer][head] / root
         q_bias = (self.ln1_b[layer] @ self.W_Q[layer][head] + self.b_Q[layer][head]) / root
         return q, k, q_bias
 
+    def key_bias(self, layer: int, head: int) -> Tensor:
+        """The key every position gets regardless of its residual (ln1 bias and ``b_K``)."""
+        return (self.ln1_b[layer] @ self.W_K[layer][head] + self.b_K[layer][head]) / self._root(
+            layer
+        )
+
     def keys(self, layer: int, head: int, n1_unbiased: Tensor) -> Tensor:
         """``k(u)`` of :meth:`qk_vectors` from the normalized residual without its bias."""
-        root = float(self.model.blocks[layer].attn.attn_scale) ** 0.5
-        return n1_unbiased @ self.W_K[layer][head] / root
+        return n1_unbiased @ self.W_K[layer][head] / self._root(layer)
+
+    def queries(self, layer: int, head: int, n1_unbiased: Tensor) -> Tensor:
+        """``q(t) = Σ_j ã_j(t) q_j`` from the normalized residual without its bias."""
+        return n1_unbiased @ self.W_Q[layer][head] / self._root(layer)
+
+    @property
+    def rotary(self) -> bool:
+        return self.cfg.positional_embedding_type == "rotary"
+
+    def rotate(self, layer: int, x: Tensor) -> Tensor:
+        """Rotary models: vectors ``[B, T, n, d_head]`` rotated by their position ``t``."""
+        return self.model.blocks[layer].attn.apply_rotary(x)
+
+    def _root(self, layer: int) -> float:
+        return float(self.model.blocks[layer].attn.attn_scale) ** 0.5
