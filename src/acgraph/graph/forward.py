@@ -29,6 +29,8 @@ from acgraph.errors import ConfigError
 from .layout import Channel
 from .weights import ModelWeights
 
+KEY_CHUNK = 64  # key-side sources per step of rotary level 3
+
 
 @dataclass
 class ChannelEdges:
@@ -65,7 +67,8 @@ class RotaryPairs:
     R_u (k(u) + key_bias) + R_t (q(t) − mean_query) · R_u key_bias``, q(t) and k(u) of the whole
     graph residual. With every pair kept this is the exact score."""
 
-    spread: Tensor  # sparse CSR [n_k * d_head, n_q]: q_j[d] at row m·d_head + d for kept (j, m)
+    kept: list[Tensor]  # sparse CSR [KEY_CHUNK, n_q] blocks of [n_k, n_q]: 1 where (j, m) is kept
+    q_vecs: Tensor  # [n_q, d_head]
     k_vecs: Tensor  # [n_k, d_head]
     q_mean: Tensor  # [n_q]: μ_j, the mean of ã_j on query positions
     mean_query: Tensor  # [d_head]: Σ_j μ_j q_j over every source
@@ -359,20 +362,35 @@ class ACGModel:
     def _rotary_scores(
         self, p: QKPairs, qa: Tensor, ka: Tensor, n1: Tensor, layer: int, h: int
     ) -> Tensor:
-        """:class:`RotaryPairs` scores ``[B, T, T]``, one sequence at a time (the rotated
-        per-pair vectors are ``[T, n_k, d_head]``)."""
+        """:class:`RotaryPairs` scores ``[B, T, T]``, one sequence at a time: per key-side
+        source m, ``L_m(t) = Σ_j kept (ã_j(t) − μ_j) q_j`` (one sparse product over
+        ``[n_q, T·d_head]``), then both sides rotated elementwise and contracted over (m, d)."""
         r, w = p.rotary, self.w
+        B, T, _ = qa.shape
         d = r.k_vecs.shape[1]
+        cos, sin = w.rotary_tables(layer, T)
+
+        def rot(x: Tensor) -> Tensor:  # [..., T, d] rotated by position, in place
+            flipped = w.rotary_flip(layer, x)
+            return x.mul_(cos).addcmul_(flipped, sin)
+
         queries = w.queries(layer, h, n1) - r.mean_query  # [B, T, d]
         keys = w.keys(layer, h, n1) + r.key_bias
+        n_k = len(r.k_vecs)
         out = []
-        for b in range(qa.shape[0]):
-            T = qa.shape[1]
-            left = (r.spread @ (qa[b] - r.q_mean).T).T.reshape(1, T, -1, d)
-            right = ka[b][..., None] * r.k_vecs  # [T, n_k, d]
-            pair = w.rotate(layer, left).flatten(2) @ w.rotate(layer, right[None]).flatten(2).mT
-            side_q = torch.stack([p.query_vec.expand(T, d), queries[b]], 1)[None]  # [1, T, 2, d]
-            side_k = torch.stack([keys[b], r.key_bias.expand(T, d)], 1)[None]
-            rest = w.rotate(layer, side_q).flatten(2) @ w.rotate(layer, side_k).flatten(2).mT
-            out.append((pair + rest)[0])
+        for b in range(B):
+            spread = ((qa[b] - r.q_mean).T[:, :, None] * r.q_vecs[:, None, :]).reshape(-1, T * d)
+            score = torch.zeros(T, T, dtype=qa.dtype, device=qa.device)
+            for i, kept in enumerate(r.kept):  # chunks of key sources stay in cache
+                m0, m1 = i * KEY_CHUNK, min((i + 1) * KEY_CHUNK, n_k)
+                left = rot((kept @ spread).reshape(-1, T, d))  # [c, T, d]
+                right = ka[b, :, m0:m1].T[:, :, None] * r.k_vecs[m0:m1, None, :]
+                right = rot(right)
+                score.addmm_(
+                    left.transpose(0, 1).reshape(T, -1), right.transpose(0, 1).reshape(T, -1).T
+                )
+            side_q = rot(torch.stack([p.query_vec.expand(T, d), queries[b]]).clone())  # [2, T, d]
+            side_k = rot(torch.stack([keys[b], r.key_bias.expand(T, d)]).clone())
+            rest = side_q.transpose(0, 1).reshape(T, -1) @ side_k.transpose(0, 1).reshape(T, -1).T
+            out.append(score + rest)
         return torch.stack(out)

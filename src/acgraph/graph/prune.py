@@ -15,7 +15,7 @@ from torch import Tensor
 
 from acgraph.errors import ConfigError
 
-from .forward import ChannelEdges, LayerEdges, QKPairs, RotaryPairs
+from .forward import KEY_CHUNK, ChannelEdges, LayerEdges, QKPairs, RotaryPairs
 from .layout import Channel
 from .stats import EdgeStats
 from .weights import ModelWeights
@@ -240,13 +240,15 @@ def _rotary_pairs(ranked, weights, layer, head, q_used, q_local, k_used, k_local
     if layer is None or head is None:
         raise ConfigError("rotary QK pairs need the layer and head they belong to")
     q_all, k_all, _ = weights.qk_vectors(layer, head)
-    d = q_all.shape[1]
-    rows = (k_local[:, None] * d + torch.arange(d)).flatten()
-    cols = q_local[:, None].expand(-1, d).flatten()
-    vals = q_all[q_used][q_local].flatten()
-    spread = _csr(torch.stack([rows, cols]), vals, (len(k_used) * d, len(q_used)))
+    kept = []
+    for m0 in range(0, len(k_used), KEY_CHUNK):
+        sel = (k_local >= m0) & (k_local < m0 + KEY_CHUNK)
+        rows = min(KEY_CHUNK, len(k_used) - m0)
+        index = torch.stack([k_local[sel] - m0, q_local[sel]])
+        kept.append(_csr(index, torch.ones(len(index[0]), dtype=q_all.dtype), (rows, len(q_used))))
     return RotaryPairs(
-        spread=spread,
+        kept=kept,
+        q_vecs=q_all[q_used],
         k_vecs=k_all[k_used],
         q_mean=ranked.mean_q[q_used],
         mean_query=ranked.mean_q @ q_all,

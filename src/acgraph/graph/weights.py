@@ -215,8 +215,8 @@ class ModelWeights:
         bias, all divided by sqrt(attention scale), so that ``score(t, u) = Σ_jm ã_j(t)
         (q_j·k_m) ã_m(u) + k(u)·q_bias + (terms constant in u, which softmax ignores)``,
         with ã = a/s and ``k(u) = Σ_m ã_m(u) k_m``. Rotary models rotate both sides by their
-        positions first (:meth:`rotate`): the pair weight is ``q_j·R(u−t) k_m``, and the terms
-        with the key bias (:meth:`key_bias`) are no longer constant in u."""
+        positions first (:meth:`rotary_tables`): the pair weight is ``q_j·R(u−t) k_m``, and
+        the terms with the key bias (:meth:`key_bias`) are no longer constant in u."""
         site = self.layout.head_site(layer)
         read = self.norm_read(self.source_vectors(site), layer)
         root = self._root(layer)
@@ -243,9 +243,23 @@ class ModelWeights:
     def rotary(self) -> bool:
         return self.cfg.positional_embedding_type == "rotary"
 
-    def rotate(self, layer: int, x: Tensor) -> Tensor:
-        """Rotary models: vectors ``[B, T, n, d_head]`` rotated by their position ``t``."""
-        return self.model.blocks[layer].attn.apply_rotary(x)
+    def rotary_tables(self, layer: int, T: int) -> tuple[Tensor, Tensor]:
+        """``cos, sin`` ``[T, d_head]`` with ``R_t x = x·cos[t] + flip(x)·sin[t]`` (unrotated
+        dimensions: cos 1, sin 0)."""
+        attn = self.model.blocks[layer].attn
+        attn.apply_rotary(torch.zeros(1, T, 1, self.cfg.d_head, device=self.W_E.device))  # extends
+        cos, sin = attn.rotary_cos[:T], attn.rotary_sin[:T]
+        rest = self.cfg.d_head - cos.shape[1]
+        return (
+            torch.cat([cos, torch.ones(T, rest, dtype=cos.dtype, device=cos.device)], 1),
+            torch.cat([sin, torch.zeros(T, rest, dtype=sin.dtype, device=sin.device)], 1),
+        )
+
+    def rotary_flip(self, layer: int, x: Tensor) -> Tensor:
+        """The ``flip`` of :meth:`rotary_tables` over the last axis (0 on unrotated dimensions)."""
+        r = self.cfg.rotary_dim
+        flipped = self.model.blocks[layer].attn.rotate_every_two(x[..., :r])
+        return torch.cat([flipped, torch.zeros_like(x[..., r:])], -1)
 
     def _root(self, layer: int) -> float:
         return float(self.model.blocks[layer].attn.attn_scale) ** 0.5
