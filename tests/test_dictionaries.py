@@ -253,6 +253,20 @@ def test_splicing_a_perfect_dictionary_changes_nothing(model, tokens):
     assert per["fvu"] == 0.0 and per["ce_zero_ablation"] != per["ce_clean"]
 
 
+def test_agreement_counts_confident_positions_apart_from_near_ties():
+    from acgraph.dictionaries.metrics import AgreementSums
+
+    # reference: position 0 confident (p ≈ 0.98 on token 0), position 1 a near-tie (0 vs 1)
+    ref = torch.tensor([[[4.0, 0.0, 0.0], [1.0, 0.99, -3.0], [0.0, 0.0, 0.0]]])
+    other = torch.tensor([[[3.0, 0.0, 0.0], [0.99, 1.0, -3.0], [0.0, 0.0, 0.0]]])
+    ref_logp = torch.log_softmax(ref[:, :-1].double(), -1)
+    sums = AgreementSums()
+    sums.update(other, ref_logp, torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.bool))
+    r = sums.result()
+    assert r["top1_agreement"] == 0.5  # the near-tie flipped
+    assert r["top1_agreement_confident"] == 1.0 and r["confident_fraction"] == 0.5
+
+
 def test_splicing_zero_and_mean_dictionaries_match_the_ablations(model, tokens):
     zero = SparseDictionary(tc_cfg(activation="relu", name="zero"))
     with torch.no_grad():

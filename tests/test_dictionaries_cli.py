@@ -101,6 +101,15 @@ def test_train_then_eval(model_dir, corpus, tmp_path, capsys):
     assert set(report["dictionaries"]) == set(names)
     for key in ("ce_recovered_zero", "ce_recovered_mean", "delta_ce", "kl"):
         assert key in report["all"]
+    assert 0.0 <= report["all"]["top1_agreement_confident"] <= 1.0
+    # --joint-only: the same joint splice, no one-at-a-time rows
+    assert run(["eval", str(out), *common, "--contexts", "16", "--json", "--joint-only"]) == 0
+    joint = json.loads(capsys.readouterr().out)
+    assert joint["all"]["kl"] == pytest.approx(report["all"]["kl"], rel=1e-9)
+    assert joint["all"]["top1_agreement"] == report["all"]["top1_agreement"]
+    assert all("kl" not in e and "fvu" in e for e in joint["dictionaries"].values())
+    assert run(["eval", str(out), *common, "--contexts", "8", "--joint-only"]) == 0
+    assert "all spliced at once" in capsys.readouterr().out
     assert run(["eval", str(out / names[1]), *common, "--contexts", "8"]) == 0
     assert "recov(mean)" in capsys.readouterr().out
 

@@ -20,6 +20,7 @@ whose input token is not special and whose next token is not padding.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -117,14 +118,22 @@ def ce_loss_recovered(ce_ablated: float, ce_spliced: float, ce_clean: float) -> 
 # ---------------------------------------------------------------- splicing
 
 
+#: a position is "confident" when the reference gives its top token more than this probability:
+#: there top-1 agreement is not decided by a near-tie that any perturbation flips
+CONFIDENT_P = 0.5
+
+
 class AgreementSums:
-    """Running CE, KL(reference ‖ logits) and top-1 agreement over metric positions (float64)."""
+    """Running CE, KL(reference ‖ logits) and top-1 agreement over metric positions (float64),
+    the agreement also over the positions where the reference is confident (``CONFIDENT_P``)."""
 
     def __init__(self) -> None:
         self.ce = 0.0
         self.kl = 0.0
         self.top1 = 0.0
         self.n = 0
+        self.top1_confident = 0.0
+        self.n_confident = 0
 
     def update(self, logits: Tensor, clean_logp: Tensor, targets: Tensor, mask: Tensor) -> None:
         logp = F.log_softmax(logits[:, :-1].double(), dim=-1)
@@ -135,10 +144,19 @@ class AgreementSums:
         self.kl += float(kl[mask].double().sum())
         self.top1 += float(agree[mask].sum())
         self.n += int(mask.sum())
+        confident = mask & (clean_logp.max(-1).values > math.log(CONFIDENT_P))
+        self.top1_confident += float(agree[confident].sum())
+        self.n_confident += int(confident.sum())
 
     def result(self) -> dict[str, float]:
         n = max(self.n, 1)
-        return {"ce": self.ce / n, "kl": self.kl / n, "top1_agreement": self.top1 / n}
+        return {
+            "ce": self.ce / n,
+            "kl": self.kl / n,
+            "top1_agreement": self.top1 / n,
+            "top1_agreement_confident": self.top1_confident / max(self.n_confident, 1),
+            "confident_fraction": self.n_confident / n,
+        }
 
 
 def splice_hooks(
@@ -200,13 +218,16 @@ def evaluate_dictionaries(
     exclude_token_ids: Sequence[int] | None = None,
     pad_token_id: int | None = None,
     splice: bool = True,
+    alone: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Reconstruction, sparsity and splicing metrics on ``tokens [n_contexts, context_size]``.
 
     Returns ``{"n_tokens", "n_ce_positions", "ce_clean", "dictionaries": {name: {...}},
     "all": {...}}`` (``all`` only with two or more dictionaries writing distinct hooks; see the
-    module doc).
+    module doc). ``alone=False`` splices them all at once only, not also one at a time (for
+    N dictionaries N times fewer forward passes; the per-dictionary entries then hold the
+    reconstruction and sparsity metrics alone).
     """
     if not dictionaries:
         raise ConfigError("no dictionaries to evaluate")
@@ -271,8 +292,14 @@ def evaluate_dictionaries(
     means = {h: (hook_sums[h] / max(n_tokens, 1)).float() for h in out_hooks}
 
     # pass 2: CE / KL under every intervention
-    groups = [(names[i], [d]) for i, d in enumerate(dictionaries)]
     shared = len(out_hooks) < len(dictionaries)
+    if not alone and shared:
+        raise ConfigError(
+            "several dictionaries write the same hook: they cannot be spliced at once"
+        )
+    groups = []
+    if alone or len(dictionaries) == 1:
+        groups = [(names[i], [d]) for i, d in enumerate(dictionaries)]
     if len(dictionaries) > 1 and not shared:
         groups.append(("all", list(dictionaries)))
     elif shared:
@@ -320,6 +347,8 @@ def evaluate_dictionaries(
             "kl_zero_ablation": zero["kl"],
             "kl_mean_ablation": mean["kl"],
             "top1_agreement": spliced["top1_agreement"],
+            "top1_agreement_confident": spliced["top1_agreement_confident"],
+            "confident_fraction": spliced["confident_fraction"],
         }
         if group == "all":
             entry["dictionaries"] = names

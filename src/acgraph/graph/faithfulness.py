@@ -126,6 +126,7 @@ def measure_faithfulness(
             "delta_ce": r["ce"] - ce_clean,
             "kl": r["kl"],
             "top1_agreement": r["top1_agreement"],
+            "top1_agreement_confident": r["top1_agreement_confident"],
             "ce_recovered_mean": ce_loss_recovered(ce_base, r["ce"], ce_clean),
         }
         if organism_cfg is not None:
@@ -137,6 +138,7 @@ def measure_faithfulness(
         "ce_mean_ablation": ce_base,
         "kl_mean_ablation": base.result()["kl"],
         "top1_mean_ablation": base.result()["top1_agreement"],
+        "confident_fraction": clean.result()["confident_fraction"],
         "fit_pool": graph.meta.get("fit_pool", 1) if graph.fitted else None,
         "tuned": graph.meta.get("tuned") or {},
         "rows": rows,
@@ -174,14 +176,14 @@ def format_faithfulness(report: dict[str, Any]) -> str:
         f"original CE {report['ce_clean']:.4f}   every graph MLP mean-ablated: CE "
         f"{report['ce_mean_ablation']:.4f}, KL {report['kl_mean_ablation']:.4f}, top-1 "
         f"{report['top1_mean_ablation']:.3f}   ({report['n_positions']} positions)",
-        "level  k     pairs   CE      dCE     KL      top-1   CE rec."
+        "level  k     pairs   CE      dCE     KL      top-1   conf.   CE rec."
         + ("  domains (ASR)" if "organism_original" in report else ""),
     ]
     if "organism_original" in report:
         o = report["organism_original"]
         doms = " ".join(f"{v:.2f}" for v in o["domains"].values())
         lines.append(
-            f"orig   -     -       {report['ce_clean']:.4f}  " + " " * 40 + f"{doms} "
+            f"orig   -     -       {report['ce_clean']:.4f}  " + " " * 48 + f"{doms} "
             f"({o['attack_success_rate']:.2f})"
         )
     for r in report["rows"]:
@@ -189,6 +191,7 @@ def format_faithfulness(report: dict[str, Any]) -> str:
             f"{r['level'] + _suffix(r):<6} {str(r['k']):<5} "
             f"{str(r['pairs'] or '-'):<7} {r['ce']:.4f}  "
             f"{r['delta_ce']:+.4f} {r['kl']:.4f}  {r['top1_agreement']:.3f}   "
+            f"{r.get('top1_agreement_confident', float('nan')):.3f}   "
             f"{r['ce_recovered_mean']:.3f}"
         )
         if "organism" in r:
@@ -198,6 +201,11 @@ def format_faithfulness(report: dict[str, Any]) -> str:
     if "organism_original" in report:
         names = " ".join(report["organism_original"]["domains"])
         lines.append(f"domains: {names}; ASR = backdoor attack success rate")
+    if "confident_fraction" in report:
+        lines.append(
+            "conf.: top-1 agreement where the original gives its top token p > 0.5 "
+            f"({report['confident_fraction']:.0%} of positions; elsewhere near-ties decide it)"
+        )
     if any(r.get("fitted") for r in report["rows"]):
         pool = report.get("fit_pool")
         chosen = f"chosen greedily from the top {pool}·k ranked" if pool and pool > 1 else "top k"

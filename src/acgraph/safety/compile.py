@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from acgraph.dictionaries.metrics import CONFIDENT_P
 from acgraph.errors import ArtifactError, ConfigError
 
 MODES = ("jumprelu", "shift", "relu")
@@ -472,8 +473,8 @@ def agreement(
         match = la.argmax(-1) == lb.argmax(-1)
         same += int(match.sum())
         total += int(mask.sum())
-        # positions where the reference is confident (p_top > 0.5): top-1 is not a near-tie
-        confident = la.max(-1).values > math.log(0.5)
+        # positions where the reference is confident: top-1 is not a near-tie
+        confident = la.max(-1).values > math.log(CONFIDENT_P)
         sure_same += int(match[confident].sum())
         sure += int(confident.sum())
         kl_sum += float((la.exp() * (la - lb)).sum())
