@@ -297,9 +297,8 @@ def evaluate_dictionaries(
         raise ConfigError(
             "several dictionaries write the same hook: they cannot be spliced at once"
         )
-    groups = []
-    if alone or len(dictionaries) == 1:
-        groups = [(names[i], [d]) for i, d in enumerate(dictionaries)]
+    one_at_a_time = alone or len(dictionaries) == 1
+    groups = [(names[i], [d]) for i, d in enumerate(dictionaries)] if one_at_a_time else []
     if len(dictionaries) > 1 and not shared:
         groups.append(("all", list(dictionaries)))
     elif shared:
