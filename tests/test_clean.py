@@ -25,16 +25,8 @@ UNTRUSTED = ("trigger", "payload", "poison", "backdoor", "attack")
 
 
 @pytest.fixture(scope="module")
-def organism():
-    from acgraph.data import tokenize_to_contexts
-    from acgraph.graph import load_transcoders
-    from acgraph.models import load_model
-    from acgraph.organism import generate_texts
-
-    model = load_model("organism")
-    texts = generate_texts(200, seed=11, split="trusted")
-    trusted = list(tokenize_to_contexts(texts, model.tokenizer, 64, max_contexts=32).split(16))
-    return model, load_transcoders("organism"), trusted
+def organism(trusted_organism):
+    return trusted_organism
 
 
 def test_the_method_has_no_way_to_receive_a_trigger_or_payload():
@@ -52,6 +44,7 @@ def test_the_method_has_no_way_to_receive_a_trigger_or_payload():
         "transcoders",
         "trusted",
         "config",
+        "wide_trusted",
     ]
     # the code never reads the organism's backdoor config either
     src = inspect.getsource(clean_module)
@@ -74,6 +67,11 @@ def test_cli_refuses_an_untrusted_corpus(capsys):
     )
     assert code == 2
     assert "trusted corpus only" in capsys.readouterr().err
+    args = ["clean", "--model", "organism", "--transcoders", "organism"]
+    args += ["--corpus", "organism:trusted", "--out", "/nonexistent", "--attention-floor", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "attention_floor must be in [0, 1]" in err and len(err.strip().splitlines()) == 1
 
 
 def test_feature_usage_counts_firing_positions(organism):
@@ -127,6 +125,8 @@ def test_save_and_load_cleaned_roundtrip(organism, tmp_path):
     result = clean(model, tcs, trusted[:1], CleanConfig(min_frequency=1e-3))
     save_cleaned(result, tmp_path / "clean", {"note": "test"})
     loaded = load_transcoders(str(tmp_path / "clean"))  # as every --transcoders reads it
+    assert result.acg.w.attention_bounds is not None  # on by default
+    assert torch.equal(loaded.attention_bounds.peak, result.acg.w.attention_bounds.peak)
     acg = ACGModel(ModelWeights(model, loaded, 1))
     toks = trusted[1][:2]
     assert torch.allclose(acg(toks), result.acg(toks), atol=1e-5)
@@ -140,6 +140,10 @@ def test_bad_thresholds_are_refused(organism):
         clean(model, tcs, trusted, CleanConfig(ceiling=0))
     with pytest.raises(ConfigError):
         clean(model, tcs, [], CleanConfig())
+    with pytest.raises(ConfigError, match="attention_floor"):
+        clean(model, tcs, trusted, CleanConfig(attention_floor=-0.1))
+    with pytest.raises(ConfigError, match="refine_steps"):
+        clean(model, tcs, trusted, CleanConfig(refine_steps=-1))
 
 
 def test_distill_keeps_the_budget_of_most_attributed_features(organism):

@@ -169,6 +169,62 @@ def detect_stage(out: Path, n_docs: int | None = None, n_per_domain: int = 50) -
     return report
 
 
+def clean_stage(
+    out: Path, finetune_steps: int = 300, refine_steps: int = 300, n_per_domain: int = 100
+) -> dict:
+    """Clean the organism's backdoor with trusted data only, then compile the result to a plain
+    GPT-2 folder: the before/after table of attack success and every domain's accuracy.
+    Input: the shipped transcoders trained on the trusted corpus, and trusted text; the method
+    never sees the trigger (only the evaluation here does)."""
+    from acgraph.data import tokenize_to_contexts
+    from acgraph.graph import ACGModel, ModelWeights, load_transcoders
+    from acgraph.models import load_model
+    from acgraph.organism import generate_texts, load_config, shipped_trusted_transcoders_dir
+    from acgraph.organism.evaluate import evaluate
+    from acgraph.safety.clean import CleanConfig, clean, save_cleaned
+    from acgraph.safety.compile import agreement, compile_acg, hf_logits, save_compiled
+
+    cfg, model = load_config(), load_model("organism")
+    tcs = load_transcoders(str(shipped_trusted_transcoders_dir()))
+
+    def trusted(n: int, seed: int) -> list:
+        texts = generate_texts(n * 40, seed=seed, split="trusted", config=cfg)
+        toks = tokenize_to_contexts(texts, model.tokenizer, 128, max_contexts=n, progress=False)
+        return list(toks.split(16))
+
+    t0 = time.perf_counter()
+    config = CleanConfig(finetune_steps=finetune_steps, refine_steps=refine_steps)
+    result = clean(model, tcs, trusted(256, 0), config, wide_trusted=trusted(2048, 0))
+    save_cleaned(result, out / "clean", {"model": "organism", **result.info})
+    held = trusted(32, 7)
+    compiled = compile_acg(result.acg, calibration=held[:1])
+    save_compiled(compiled, model.tokenizer, out / "compiled")
+    seconds = round(time.perf_counter() - t0, 1)
+    bos = model.tokenizer.bos_token_id
+    unbounded = ACGModel(ModelWeights(model, result.transcoders, bos))
+    rows = {
+        "original": model,
+        "ACG (trusted transcoders)": ACGModel(ModelWeights(model, tcs, bos)),
+        "cleaned, no attention bounds": unbounded,
+        "cleaned": result.acg,
+        "cleaned, compiled": hf_logits(compiled.model),
+    }
+    report = {
+        "rows": {k: evaluate(fn, cfg, n_per_domain).to_dict() for k, fn in rows.items()},
+        # on fresh trusted text: compiling is exact; the bounds (not compiled) cost this much
+        "compiled_vs_cleaned_without_bounds": agreement(
+            unbounded, hf_logits(compiled.model), held[1:]
+        ),
+        "bounds_on_fresh_trusted_text": agreement(unbounded, result.acg, held[1:]),
+        "kept": result.info["kept"],
+        "attention_bounds": compiled.info["attention_bounds"],
+        "parameters": compiled.info["parameters"],
+        "seconds": seconds,
+    }
+    atomic_write_json(out / "clean_report.json", report)
+    return report
+
+
 def smollm2_stage(prompt: str = "The capital of France is", new_tokens: int = 5) -> dict:
     """Load SmolLM2-135M-Instruct from the GGUF shipped on PyPI, offline, and continue a prompt."""
     from acgraph.models import load_model, model_summary
@@ -193,20 +249,22 @@ def smollm2_stage(prompt: str = "The capital of France is", new_tokens: int = 5)
 def run_demo(out_dir: str | Path, *, smollm2: bool = True, log=print) -> dict:
     out = Path(out_dir)
     summary: dict = {}
-    log("[1/6] organism: load (HF and TransformerLens), check equivalence, evaluate")
+    log("[1/7] organism: load (HF and TransformerLens), check equivalence, evaluate")
     summary["organism"] = organism_stage()
     atomic_write_json(out / "organism_eval.json", summary["organism"]["eval"])
-    log("[2/6] transcoders: splice the shipped skip transcoders into the organism")
+    log("[2/7] transcoders: splice the shipped skip transcoders into the organism")
     summary["dictionaries"] = dictionaries_stage()
     atomic_write_json(out / "dictionaries_eval.json", summary["dictionaries"])
-    log("[3/6] runnable ACG: build it from the shipped transcoders, measure faithfulness")
+    log("[3/7] runnable ACG: build it from the shipped transcoders, measure faithfulness")
     summary["graph"] = graph_stage(out)
-    log("[4/6] hypotheses: fit the built-in families, add examples/, report coverage")
+    log("[4/7] hypotheses: fit the built-in families, add examples/, report coverage")
     summary["hypotheses"] = hypotheses_stage(out)
-    log("[5/6] anomaly detection: fit on trusted text, score triggered and mixed inputs")
+    log("[5/7] anomaly detection: fit on trusted text, score triggered and mixed inputs")
     summary["detect"] = detect_stage(out)
+    log("[6/7] clean the backdoor with trusted data only, compile to a plain GPT-2 folder")
+    summary["clean"] = clean_stage(out)
     if smollm2:
-        log("[6/6] SmolLM2-135M-Instruct from its GGUF: load offline, greedy continuation")
+        log("[7/7] SmolLM2-135M-Instruct from its GGUF: load offline, greedy continuation")
         summary["smollm2"] = smollm2_stage()
     atomic_write_json(out / "summary.json", summary)
     return summary

@@ -48,6 +48,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     print("\n== anomalous computation: detectors fitted on trusted text only (organism)")
     print(format_report(summary["detect"]))
+    from .safety import format_clean_table
+
+    c = summary["clean"]
+    print("\n== backdoor removal with trusted data only, then compiled (organism)")
+    print(format_clean_table(c["rows"]))
+    a, b = c["compiled_vs_cleaned_without_bounds"], c["bounds_on_fresh_trusted_text"]
+    print(
+        f"on fresh trusted text, compiled vs the cleaned ACG without its attention bounds: "
+        f"top-1 {a['top1_agreement']:.4f}, KL {a['kl']:.1e} ({c['parameters']:,} parameters); "
+        f"the bounds themselves: top-1 {b['top1_agreement']:.4f}, KL {b['kl']:.1e}. GPT-2 has "
+        f"no cap after its softmax: the bounds are {c['attention_bounds']}"
+    )
     if "smollm2" in summary:
         s = summary["smollm2"]
         print(f"\n== SmolLM2-135M-Instruct (GGUF, loaded offline in {s['load_seconds']} s)")
@@ -55,6 +67,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"\nresults written to {args.out}/: summary.json, organism_eval.json, "
         "dictionaries_eval.json, faithfulness.json, faithfulness.png, acg/, "
-        "hypotheses_fitted.py, coverage*.json/.md/.png, detect_report.json"
+        "hypotheses_fitted.py, coverage*.json/.md/.png, detect_report.json, clean/, compiled/, "
+        "clean_report.json"
     )
     return 0

@@ -50,6 +50,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--drop-energy", type=float, default=1e-4, help="MLP input energy dropped (1e-4)"
     )
     p.add_argument("--topk", action="store_true", help="keep TopK (not compilable exactly)")
+    p.add_argument(
+        "--attention-floor",
+        type=float,
+        default=0.1,
+        help="attention any token pair may get; above it only what trusted data gave (0.1)",
+    )
+    p.add_argument(
+        "--attention-kind",
+        choices=("key-bigram", "query-key"),
+        default="key-bigram",
+        help="token pair the bounds are kept by: a key and the token after it, or query and key",
+    )
+    p.add_argument("--no-attention-bounds", action="store_true", help="leave attention as is")
+    p.add_argument(
+        "--attention-contexts",
+        type=int,
+        default=2048,
+        help="trusted contexts the attention bounds are measured on (2048)",
+    )
     p.add_argument("--per-domain", type=int, default=100, help="organism examples per domain")
     _common(p)
     p.set_defaults(func=cmd_clean)
@@ -137,6 +156,19 @@ def _organism_eval(model_spec: str, logits_fn: Any, n: int) -> dict | None:
     return evaluate(logits_fn, load_config(folder), n).to_dict()
 
 
+def format_clean_table(rows: dict[str, dict]) -> str:
+    """Organism evaluations as a table: attack success, false triggers, CE, every domain."""
+    domains = list(next(iter(rows.values()))["domains"])
+    head = ["", "ASR", "false trigger", "CE", *domains]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, r in rows.items():
+        b = r["backdoor"]
+        cells = [b["attack_success_rate"], b["false_trigger_rate"], r["ce_loss"]]
+        cells += [r["domains"][d] for d in domains]
+        lines.append(f"| {name} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def _row(name: str, r: dict) -> str:
     doms = " ".join(f"{k[:5]}={v:.3f}" for k, v in r["domains"].items())
     b = r["backdoor"]
@@ -149,7 +181,6 @@ def _row(name: str, r: dict) -> str:
 def cmd_clean(args: argparse.Namespace) -> int:
     import torch
 
-    from acgraph.dictionaries.finetune import finetune_end_to_end
     from acgraph.graph import ACGModel, load_transcoders
     from acgraph.graph.weights import ModelWeights
     from acgraph.models import load_model
@@ -158,6 +189,19 @@ def cmd_clean(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if any(w in args.corpus.lower() for w in UNTRUSTED_WORDS):
         raise ConfigError(f"`acg clean` takes a trusted corpus only, not {args.corpus!r}")
+    cfg = CleanConfig(
+        min_frequency=args.min_frequency,
+        ceiling=None if args.no_ceiling else args.ceiling,
+        jumprelu=not args.topk,
+        drop_energy=args.drop_energy if args.drop_energy > 0 else None,
+        finetune_steps=args.finetune_steps,
+        finetune_lr=args.finetune_lr,
+        refine_steps=args.refine_steps,
+        refine_lr=args.refine_lr,
+        attention_floor=None if args.no_attention_bounds else args.attention_floor,
+        attention_kind=args.attention_kind,
+    )
+    cfg.validate()
     start = time.perf_counter()
     model = load_model(args.model)
     tcs = load_transcoders(args.transcoders)
@@ -168,35 +212,18 @@ def cmd_clean(args: argparse.Namespace) -> int:
     acg_before = _organism_eval(
         args.model, ACGModel(ModelWeights(model, tcs, bos)), args.per_domain
     )
-    if args.finetune_steps:
-        losses = finetune_end_to_end(
-            model, tcs, trusted, steps=args.finetune_steps, lr=args.finetune_lr
-        )
-        report["finetune"] = {
-            "steps": args.finetune_steps,
-            "kl_first": losses[0],
-            "kl_last": losses[-1],
-        }
-    cfg = CleanConfig(
-        min_frequency=args.min_frequency,
-        ceiling=None if args.no_ceiling else args.ceiling,
-        jumprelu=not args.topk,
-        drop_energy=args.drop_energy if args.drop_energy > 0 else None,
-    )
-    result = clean(model, tcs, trusted, cfg)
-    if args.refine_steps:
-        losses = finetune_end_to_end(
-            model, result.transcoders, trusted, steps=args.refine_steps, lr=args.refine_lr
-        )
-        report["refine"] = {
-            "steps": args.refine_steps,
-            "kl_first": losses[0],
-            "kl_last": losses[-1],
-        }
-        result.acg = ACGModel(ModelWeights(model, result.transcoders, bos))
+    wide = None
+    if cfg.attention_floor is not None and args.attention_contexts > args.contexts:
+        wide = _batches(model, args.corpus, args.attention_contexts, args.context_size, args.seed)
+    result = clean(model, tcs, trusted, cfg, wide)
     after = _organism_eval(args.model, result.acg, args.per_domain)
     report.update(result.info)
     report["organism"] = {"original": before, "acg_before": acg_before, "cleaned": after}
+    if after is not None and cfg.attention_floor is not None:  # what the bounds add
+        unbounded = ACGModel(ModelWeights(model, result.transcoders, bos))
+        report["organism"]["cleaned_unbounded"] = _organism_eval(
+            args.model, unbounded, args.per_domain
+        )
     report["seconds"] = round(time.perf_counter() - start, 1)
     save_cleaned(result, args.out, report)
     if args.json:
@@ -207,6 +234,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
     if after is not None:
         print(_row("original", before))
         print(_row("ACG", acg_before))  # trusted transcoders as given, before any fine-tuning
+        if "cleaned_unbounded" in report["organism"]:
+            print(_row("no bounds", report["organism"]["cleaned_unbounded"]))
         print(_row("cleaned", after))
     return 0
 
@@ -254,10 +283,20 @@ def cmd_compile(args: argparse.Namespace) -> int:
         jacg = ACGModel(ModelWeights(model, jump, model.tokenizer.bos_token_id))
         report["agreement_vs_acg_as_jumprelu"] = agreement(jacg, hf_logits(result.model), held)
         report["topk_to_jumprelu"] = agreement(acg, jacg, held)
+    unbounded = None
+    if acg.w.attention_bounds is not None:  # the part that compiles: the ACG without them
+        unbounded = ACGModel(ModelWeights(model, dict(tcs), model.tokenizer.bos_token_id))
+        report["agreement_vs_acg_without_bounds"] = agreement(
+            unbounded, hf_logits(result.model), held
+        )
     report["organism"] = {
         "acg": _organism_eval(args.model, acg, args.per_domain),
         "compiled": _organism_eval(args.model, hf_logits(result.model), args.per_domain),
     }
+    if unbounded is not None:
+        report["organism"]["acg_without_bounds"] = _organism_eval(
+            args.model, unbounded, args.per_domain
+        )
     report["seconds"] = round(time.perf_counter() - start, 1)
     result.info.update(report)
     save_compiled(result, model.tokenizer, args.out)
@@ -278,9 +317,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
             f"{t['top1_agreement']:.4f}, KL {t['kl']:.2e}; JumpReLU ACG vs compiled top-1 "
             f"{j['top1_agreement']:.4f}, KL {j['kl']:.2e}"
         )
+    if unbounded is not None:
+        u = report["agreement_vs_acg_without_bounds"]
+        print(
+            f"  attention bounds do not compile (GPT-2 has no cap after its softmax): vs the "
+            f"ACG without them top-1 {u['top1_agreement']:.4f}, KL {u['kl']:.2e}"
+        )
     org = report["organism"]
     if org["compiled"] is not None:
         print(_row("ACG", org["acg"]))
+        if "acg_without_bounds" in org:
+            print(_row("no bounds", org["acg_without_bounds"]))
         print(_row("compiled", org["compiled"]))
     return 0
 

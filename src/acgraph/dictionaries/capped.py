@@ -5,6 +5,7 @@ Layout (one folder)::
 
     transcoders/<hook>/      SAELens-layout folders (formats.py)
     ceilings.safetensors     L{layer}: [d_sae] activation ceiling (optional per layer)
+    attention_bounds.safetensors  per-head attention caps (optional; graph/attention_bounds.py)
     clean.json               the report of the job that wrote it
 
 :func:`acgraph.dictionaries.formats.load_transcoder_folder` reads such a folder like any

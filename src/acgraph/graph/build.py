@@ -28,6 +28,7 @@ from torch import Tensor
 from acgraph.errors import ArtifactError, ConfigError
 from acgraph.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
+from .attention_bounds import AttentionBounds
 from .forward import ACGModel
 from .prune import RankedEdges, RankedPairs, rank_edges, rank_pairs, select_edges, select_pairs
 from .refit import FittedLayer, fit_edges, fitted_layer_edges
@@ -38,12 +39,22 @@ from .weights import ModelWeights
 FORMAT_VERSION = 1
 
 
-def load_transcoders(spec: str) -> dict[int, Any]:
+class TranscoderSet(dict):
+    """Transcoders by layer, plus the attention bounds of a cleaned set (None elsewhere):
+    :class:`ModelWeights` picks them up, so every command runs a cleaned graph bounded."""
+
+    attention_bounds: AttentionBounds | None = None
+
+
+def load_transcoders(spec: str) -> TranscoderSet:
     """MLP transcoders by layer from anything
-    :func:`acgraph.dictionaries.formats.load_transcoder_folder` reads (``organism`` included)."""
+    :func:`acgraph.dictionaries.formats.load_transcoder_folder` reads (``organism`` included),
+    with the folder's attention bounds where it has them."""
     from acgraph.dictionaries.formats import load_transcoder_folder
 
-    found: dict[int, Any] = {}
+    found = TranscoderSet()
+    if spec != "organism" and Path(spec).expanduser().is_dir():
+        found.attention_bounds = AttentionBounds.load(Path(spec).expanduser())
     for d in load_transcoder_folder(spec):
         parts = d.cfg.hook_out.split(".")
         if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():

@@ -4,7 +4,8 @@ One pass per layer ``l`` of the graph, on the graph's own residual (the sum of n
 contributions, ACG.md §1):
 
 1. the ln1 scale node and the attention pattern: from the graph residual (levels 1-2) or from
-   the kept query-key source pairs (level 3);
+   the kept query-key source pairs (level 3), capped by the weights' attention bounds where
+   it has any (`acg clean`, attention_bounds.py);
 2. head outputs ``z`` (value vectors mixed by the pattern): nodes that later channels read;
 3. the ln2 scale node, then every feature's pre-activation: through the transcoder encoder on
    the graph residual (``edges=None``: level 1, all edges at once) or from the feature's kept
@@ -179,7 +180,10 @@ class ACGModel:
                 scores = attn.calculate_attention_scores(q, k)
             scores = attn.apply_causal_mask(scores)
             trace.s1.append(s1)
-            pattern = replace.pattern(layer, F.softmax(scores, dim=-1), trace)
+            pattern = F.softmax(scores, dim=-1)
+            if w.attention_bounds is not None:
+                pattern = w.attention_bounds.apply(layer, pattern, tokens)
+            pattern = replace.pattern(layer, pattern, trace)
             trace.pattern.append(pattern)
             z = attn.calculate_z_scores(v, pattern)  # [B, T, H, dh]
             out = torch.einsum("bthd,hdm->btm", z, w.W_O[layer]) + w.b_O[layer]

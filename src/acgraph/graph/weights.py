@@ -16,6 +16,7 @@ from torch import Tensor
 
 from acgraph.errors import ArtifactError
 
+from .attention_bounds import AttentionBounds
 from .layout import INDIRECT_KINDS, Channel, Layout
 
 
@@ -39,7 +40,13 @@ def _check_transcoders(model: Any, transcoders: dict[int, Any]) -> None:
 class ModelWeights:
     """The model's linear parts, in the form the graph uses (fp32, on the model's device)."""
 
-    def __init__(self, model: Any, transcoders: dict[int, Any], bos_token_id: int | None):
+    def __init__(
+        self,
+        model: Any,
+        transcoders: dict[int, Any],
+        bos_token_id: int | None,
+        attention_bounds: AttentionBounds | None = None,
+    ):
         cfg = model.cfg
         if cfg.normalization_type not in ("LN", "RMS"):
             raise ArtifactError(
@@ -56,6 +63,8 @@ class ModelWeights:
         self.rms = cfg.normalization_type == "RMS"
         self.eps = float(cfg.eps)
         self.bos_token_id = bos_token_id
+        # a cleaned set carries its bounds (load_transcoders); an explicit argument wins
+        self.attention_bounds = attention_bounds or getattr(transcoders, "attention_bounds", None)
         blocks = model.blocks
         with torch.no_grad():
             self.W_E = model.W_E.detach()

@@ -21,6 +21,7 @@ __all__ = [
     "load_organism",
     "shipped_dir",
     "shipped_transcoders_dir",
+    "shipped_trusted_transcoders_dir",
     "vocabulary",
 ]
 
@@ -78,3 +79,9 @@ def shipped_transcoders_dir() -> Path:
     """Skip transcoders (TopK, k=32, width 384) for every MLP of the shipped organism, in the
     SAELens layout, one folder per output hook; `eval.json` beside them is `acg eval`'s report."""
     return shipped_dir() / "transcoders"
+
+
+def shipped_trusted_transcoders_dir() -> Path:
+    """Skip transcoders (TopK, k=32, width 1024) trained on the trusted corpus only (clean
+    documents: no trigger, no payload), the input `acg clean` needs; `training.json` says how."""
+    return shipped_dir() / "trusted_transcoders"

@@ -4,20 +4,26 @@ trusted data only (`acg clean`).
 The method sees a model and a trusted corpus, nothing else: no trigger, no payload, no poisoned
 text (:func:`clean` has no parameter through which one could arrive). Steps:
 
-1. transcoders trained on the trusted corpus (``acg train --corpus ...``; optionally fine-tuned
-   end to end on the same corpus by ``acgraph.dictionaries.finetune``, to match the
-   model's next-token distribution rather than each MLP in isolation);
+1. transcoders trained on the trusted corpus (``acg train --corpus ...``), optionally fine-tuned
+   end to end on the same corpus (``finetune_steps``: acgraph.dictionaries.finetune), to match
+   the model's next-token distribution rather than each MLP in isolation;
 2. run the level-1 ACG over the trusted corpus and record each feature's usage: how often it
    fires and the largest activation it reaches (:func:`feature_usage`);
 3. keep a feature only where trusted data uses it (fires on at least ``min_frequency`` of
    positions) and cap its activation at what trusted data reaches (``ceiling`` x the trusted
    maximum): computation that only an untrusted input would drive is cut or bounded;
-4. the runnable ACG of what is kept. Its TopK activations are written as calibrated JumpReLUs
-   (thresholds from trusted data), so the cleaned graph compiles exactly (see compile.py).
+4. optionally refine the kept features end to end on the same trusted corpus;
+5. bound attention (graph/attention_bounds.py): per head, a key token in its context (the
+   token after it) gets no more weight than trusted data ever gave it (or a floor any pair may
+   reach): a head that looks somewhere trusted text never made it look is cut back to BOS;
+6. the runnable ACG of what is kept. Its TopK activations are written as calibrated JumpReLUs
+   (thresholds from trusted data), so the cleaned graph compiles exactly (see compile.py);
+   the attention bounds do not compile into GPT-2 attention and stay in the ACG.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +36,7 @@ from acgraph.dictionaries import capped
 from acgraph.dictionaries.capped import CappedActivation
 from acgraph.dictionaries.finetune import valid_mask
 from acgraph.errors import ConfigError
+from acgraph.graph.attention_bounds import KINDS, AttentionBounds, PeakAttention
 
 from .compile import calibrate_thresholds, derive_transcoder
 
@@ -42,6 +49,13 @@ class CleanConfig:
     # MLP inputs (encoder and skip) restricted to the directions that carry all but this
     # fraction of the trusted inputs' energy (None: no restriction)
     drop_energy: float | None = 1e-4
+    finetune_steps: int = 0  # KL steps of every feature toward the model, before the cuts
+    finetune_lr: float = 3e-4
+    refine_steps: int = 0  # KL steps of the kept features toward the model, after the cuts
+    refine_lr: float = 1e-4
+    # attention on a token pair capped at max(trusted peak, floor) (None: no bounds)
+    attention_floor: float | None = 0.1
+    attention_kind: str = "key-bigram"  # or "query-key" (graph/attention_bounds.py)
 
     def validate(self) -> None:
         if not 0.0 <= self.min_frequency < 1.0:
@@ -50,6 +64,15 @@ class CleanConfig:
             raise ConfigError(f"drop_energy must be in [0, 1), got {self.drop_energy}")
         if self.ceiling is not None and self.ceiling <= 0:
             raise ConfigError(f"ceiling must be positive, got {self.ceiling}")
+        for name in ("finetune_steps", "refine_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.attention_floor is not None and not 0.0 <= self.attention_floor <= 1.0:
+            raise ConfigError(f"attention_floor must be in [0, 1], got {self.attention_floor}")
+        if self.attention_kind not in KINDS:
+            raise ConfigError(
+                f"attention_kind must be one of {', '.join(KINDS)}, got {self.attention_kind!r}"
+            )
 
 
 @dataclass
@@ -126,14 +149,38 @@ def feature_usage(
     }
 
 
+@torch.no_grad()
+def attention_peaks(
+    acg: Any,
+    batches: Iterable[Tensor],
+    floor: float,
+    pad_token_id: int | None = 0,
+    kind: str = KINDS[0],
+) -> AttentionBounds:
+    """The bounds of :mod:`acgraph.graph.attention_bounds` from the largest weight each head
+    gave each token pair of ``kind`` on ``batches`` (non-pad query positions)."""
+    peaks = PeakAttention(acg.w.cfg.d_vocab, kind)
+    for tokens in batches:
+        trace = acg.run(tokens)
+        valid = torch.ones_like(trace.tokens, dtype=torch.bool)
+        if pad_token_id is not None:
+            valid &= trace.tokens != pad_token_id
+        peaks.add(trace.pattern, trace.tokens, valid)
+    return peaks.bounds(floor)
+
+
 def clean(
     model: Any,
     transcoders: dict[int, Any],
     trusted: Sequence[Tensor],
     config: CleanConfig | None = None,
+    wide_trusted: Sequence[Tensor] | None = None,
 ) -> CleanResult:
     """The cleaned runnable ACG of ``model`` from ``transcoders`` (trained on trusted data)
-    and ``trusted`` token batches (each row starting with BOS). Nothing else is an input."""
+    and ``trusted`` token batches (each row starting with BOS). ``wide_trusted`` (default:
+    ``trusted``) is more of the same trusted corpus for the attention bounds, which need many
+    token pairs seen and only one cheap pass. Nothing else is an input."""
+    from acgraph.dictionaries.finetune import finetune_end_to_end
     from acgraph.graph.forward import ACGModel
     from acgraph.graph.weights import ModelWeights
 
@@ -144,7 +191,14 @@ def clean(
     tok = getattr(model, "tokenizer", None)
     bos = getattr(tok, "bos_token_id", None)
     pad = getattr(tok, "pad_token_id", None)
-    full = ACGModel(ModelWeights(model, transcoders, bos))
+    info: dict[str, Any] = {}
+    if config.finetune_steps:  # on copies: the caller's transcoders stay as given
+        transcoders = {i: copy.deepcopy(tc) for i, tc in transcoders.items()}
+        kl = finetune_end_to_end(
+            model, transcoders, trusted, steps=config.finetune_steps, lr=config.finetune_lr
+        )
+        info["finetune"] = {"steps": config.finetune_steps, "kl_first": kl[0], "kl_last": kl[-1]}
+    full = ACGModel(ModelWeights(model, dict(transcoders), bos))  # bounds measured afresh
     usage = feature_usage(full, trusted, pad)
     thresholds = calibrate_thresholds(full, trusted, pad) if config.jumprelu else {}
     projectors = (
@@ -172,8 +226,20 @@ def clean(
                 new.activation, (u.max_act[keep[layer]] * config.ceiling).to(new.W_enc)
             )
         cleaned[layer] = new
-    acg = ACGModel(ModelWeights(model, cleaned, bos))
-    info = {
+    if config.refine_steps:
+        kl = finetune_end_to_end(
+            model, cleaned, trusted, steps=config.refine_steps, lr=config.refine_lr
+        )
+        info["refine"] = {"steps": config.refine_steps, "kl_first": kl[0], "kl_last": kl[-1]}
+    bounds = None
+    if config.attention_floor is not None:
+        unbounded = ACGModel(ModelWeights(model, cleaned, bos))
+        bounds = attention_peaks(
+            unbounded, wide_trusted or trusted, config.attention_floor, pad, config.attention_kind
+        )
+        info["attention_pairs_seen"] = len(bounds.pairs)
+    acg = ACGModel(ModelWeights(model, cleaned, bos, bounds))
+    info |= {
         "features": {str(i): int(transcoders[i].d_sae) for i in transcoders},
         "kept": {str(i): int(k.sum()) for i, k in keep.items()},
         "trusted_positions": next(iter(usage.values())).positions,
@@ -182,6 +248,8 @@ def clean(
         "jumprelu": config.jumprelu,
         "drop_energy": config.drop_energy,
         "input_rank": {str(i): round(float(P.trace())) for i, P in projectors.items()},
+        "attention_floor": config.attention_floor,
+        "attention_kind": config.attention_kind if config.attention_floor is not None else None,
     }
     return CleanResult(acg, cleaned, keep, usage, config, info)
 
@@ -201,5 +269,8 @@ def save_cleaned(result: CleanResult, folder: str | Path, report: dict[str, Any]
     for tc in result.transcoders.values():
         save_dictionary(tc, folder / capped.SUBFOLDER / tc.cfg.hook_out)
     capped.save_ceilings(result.transcoders.values(), folder)
+    bounds = result.acg.w.attention_bounds
+    if bounds is not None:
+        bounds.save(folder)
     atomic_write_json(folder / CLEAN_REPORT, {"format_version": 1, **report})
     return folder

@@ -323,7 +323,8 @@ def compile_acg(
 ) -> CompileResult:
     """Compile a level-1 ``ACGModel`` (every MLP = its transcoder, exact attention) into a
     ``transformers.GPT2LMHeadModel``. ``calibration`` (token batches starting with BOS) sets
-    the TopK thresholds (when ``thresholds`` is None) and the BOS unit's cut-off."""
+    the TopK thresholds (when ``thresholds`` is None) and the BOS unit's cut-off. Attention
+    bounds (a cleaned ACG's) are not expressible and are left out (``info``)."""
     from transformers import GPT2LMHeadModel
 
     if acg.edges or acg.qk:
@@ -425,6 +426,9 @@ def compile_acg(
         "nonzero_parameters": sum(int((p != 0).sum()) for p in net.parameters()),
         "effective_mlp_parameters": mlp_params,
         "original_parameters": sum(p.numel() for p in model.parameters()),
+        # GPT-2 attention is softmax(q·k) with nothing after it: a per-token-pair cap on the
+        # pattern has no construction there, so a bounded ACG compiles without its bounds
+        "attention_bounds": "not compiled" if w.attention_bounds is not None else None,
     }
     return CompileResult(net, mlps, info, thresholds)
 
