@@ -8,8 +8,7 @@ import torch
 
 from acgraph.errors import ArtifactError, ConfigError
 from acgraph.graph import ACGModel, AttentionBounds, ModelWeights
-from acgraph.graph.attention_bounds import FILENAME, KINDS, PeakAttention
-from acgraph.safety.clean import attention_peaks
+from acgraph.graph.attention_bounds import FILENAME, KINDS, PeakAttention, attention_peaks
 
 torch.set_num_threads(1)
 

@@ -94,6 +94,7 @@ def test_detector_separates_triggered_from_clean(small_eval):
     assert auroc(s_neg["mahalanobis"], s_pos["mahalanobis"]) > 0.9
     assert set(s_pos) == {
         "acg-edges",
+        "acg-attention",
         "novelty",
         "mahalanobis",
         "mahalanobis-L0",
@@ -136,13 +137,38 @@ def test_explanations_name_real_edges(organism, fitted, small_eval):
     assert top["score"] == pytest.approx(out[0]["score"])
 
 
+def test_attention_detector_flags_triggers_once_trusted_text_covers_the_bigrams(
+    organism, small_eval
+):
+    """acg-attention needs coverage: with 64 trusted documents many clean bigrams are unseen
+    (AUROC 0.71); with the default 2048 the trigger stands out (measured 1.000 on 200 vs 200)."""
+    from acgraph.graph import ACGModel, ModelWeights
+    from acgraph.graph.attention_bounds import attention_peaks
+    from acgraph.organism.evaluate import encode
+
+    model, tcs, cfg = organism
+    pos, neg, _, _ = small_eval
+    acg = ACGModel(ModelWeights(model, tcs, model.tokenizer.bos_token_id))
+    bounds = attention_peaks(acg, trusted_batches(2048, seed=0, config=cfg), 0.0, 0)
+
+    def score(examples) -> torch.Tensor:
+        tokens = encode([e.tokens for e in examples])
+        mask = detect.valid_mask(tokens, 0)
+        return detect.attention_excess(bounds, acg.run(tokens), mask).amax(1)
+
+    assert auroc(score(neg), score(pos)) > 0.95
+
+
 def test_trusted_corpus_scores_zero_and_ranges_hold_it(organism, fitted):
     """Every contribution seen in the fit lies inside its trusted range, so the fit corpus
     itself scores exactly 0; a contribution beyond the range scores by how far it goes."""
     _, _, cfg = organism
     batches = trusted_batches(64, seed=0, config=cfg)
-    scores = fitted.score(torch.cat([b[:, :64] for b in batches[:2]]), only="acg-edges")
+    fit_text = torch.cat([b[:, :64] for b in batches[:2]])
+    scores = fitted.score(fit_text, only="acg-edges")
     assert float(scores["acg-edges"].abs().max()) == 0.0
+    # nor does any head put more weight on a key bigram than it did in the fit
+    assert float(fitted.score(fit_text, only="acg-attention")["acg-attention"].max()) == 0.0
     # unseen features: a range of [0, 0], so the whole |contribution| is excess
     edge = fitted.edge
     unseen = [(i, c) for i, c in edge.count.items() if bool((c == 0).any())]

@@ -21,10 +21,10 @@ import torch
 
 from acgraph.data import load_corpus, tokenize_to_contexts
 from acgraph.graph import ACGModel, ModelWeights, load_transcoders
+from acgraph.graph.attention_bounds import attention_peaks
 from acgraph.models import load_model
 from acgraph.organism import load_config
 from acgraph.organism.evaluate import evaluate
-from acgraph.safety.clean import attention_peaks
 
 
 def main() -> None:

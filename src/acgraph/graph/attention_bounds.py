@@ -19,8 +19,10 @@ nodes alone.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -135,3 +137,23 @@ class PeakAttention:
         if self.peak is None:
             raise ConfigError("no trusted positions to measure attention on")
         return AttentionBounds(self.pairs, self.peak.float(), self.vocab, floor, self.kind)
+
+
+@torch.no_grad()
+def attention_peaks(
+    acg: Any,
+    batches: Iterable[Tensor],
+    floor: float,
+    pad_token_id: int | None = 0,
+    kind: str = KINDS[0],
+) -> AttentionBounds:
+    """The bounds of :mod:`acgraph.graph.attention_bounds` from the largest weight each head
+    gave each token pair of ``kind`` on ``batches`` (non-pad query positions)."""
+    peaks = PeakAttention(acg.w.cfg.d_vocab, kind)
+    for tokens in batches:
+        trace = acg.run(tokens)
+        valid = torch.ones_like(trace.tokens, dtype=torch.bool)
+        if pad_token_id is not None:
+            valid &= trace.tokens != pad_token_id
+        peaks.add(trace.pattern, trace.tokens, valid)
+    return peaks.bounds(floor)

@@ -36,7 +36,7 @@ from acgraph.dictionaries import capped
 from acgraph.dictionaries.capped import CappedActivation
 from acgraph.dictionaries.finetune import valid_mask
 from acgraph.errors import ConfigError
-from acgraph.graph.attention_bounds import KINDS, AttentionBounds, PeakAttention
+from acgraph.graph.attention_bounds import KINDS, attention_peaks
 
 from .compile import calibrate_thresholds, derive_transcoder
 
@@ -147,26 +147,6 @@ def feature_usage(
         )
         for layer in count
     }
-
-
-@torch.no_grad()
-def attention_peaks(
-    acg: Any,
-    batches: Iterable[Tensor],
-    floor: float,
-    pad_token_id: int | None = 0,
-    kind: str = KINDS[0],
-) -> AttentionBounds:
-    """The bounds of :mod:`acgraph.graph.attention_bounds` from the largest weight each head
-    gave each token pair of ``kind`` on ``batches`` (non-pad query positions)."""
-    peaks = PeakAttention(acg.w.cfg.d_vocab, kind)
-    for tokens in batches:
-        trace = acg.run(tokens)
-        valid = torch.ones_like(trace.tokens, dtype=torch.bool)
-        if pad_token_id is not None:
-            valid &= trace.tokens != pad_token_id
-        peaks.add(trace.pattern, trace.tokens, valid)
-    return peaks.bounds(floor)
 
 
 def clean(

@@ -12,6 +12,11 @@ anomalous position. A parent that drives a feature rarely but legitimately (a ra
 inside the range; one that never drove it does not. The explanation names the features and edges
 with the largest excess, with their trusted range, mean and spread.
 
+A second ACG detector, ``acg-attention``, looks at the gates instead of the features: per head,
+the largest weight trusted text ever put on each key token followed by a given token
+(graph/attention_bounds.py, the bigram kind `acg clean` bounds by); a position scores the most
+weight any head puts beyond that on one key, an input its most anomalous position.
+
 Baselines in the same module, fitted on the same trusted data: Mahalanobis distance of the real
 model's residual stream (per layer and summed), feature-activation novelty (features rarely
 active on trusted data) and, given labels, a logistic probe on pooled residuals (upper reference).
@@ -33,6 +38,7 @@ from torch import Tensor
 from acgraph.dictionaries.finetune import valid_mask
 from acgraph.errors import ArtifactError, ConfigError
 from acgraph.graph import build_acg
+from acgraph.graph.attention_bounds import KINDS, AttentionBounds, attention_peaks
 from acgraph.graph.forward import ACGModel, Trace
 from acgraph.graph.weights import ModelWeights
 from acgraph.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
@@ -298,6 +304,17 @@ def fit_probe(
 # ---------------------------------------------------------------------- all detectors
 
 
+def attention_excess(bounds: AttentionBounds, trace: Trace, mask: Tensor) -> Tensor:
+    """``[B, T]``: per query position, the most weight one head puts on one key beyond the
+    largest weight trusted text gave that key's pair in that head (0 where within)."""
+    B, T = trace.tokens.shape
+    pos = torch.zeros(B, T)
+    for layer, pattern in enumerate(trace.pattern):
+        excess = (pattern - bounds.limits(layer, trace.tokens)).clamp(min=0)
+        pos = torch.maximum(pos, excess.amax(dim=(1, 3)))
+    return pos * mask
+
+
 @dataclass
 class Detectors:
     """The ACG edge detector and the unsupervised baselines, fitted on trusted data."""
@@ -309,6 +326,7 @@ class Detectors:
     pad_token_id: int | None = 0
     probe: Probe | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    attention: AttentionBounds | None = None  # trusted peaks (floor 0) for acg-attention
 
     @property
     def acg(self) -> ACGModel:
@@ -318,7 +336,8 @@ class Detectors:
 
     def names(self) -> list[str]:
         layers = sorted(self.mahalanobis.mean)
-        out = ["acg-edges", "novelty", "mahalanobis"] + [f"mahalanobis-L{i}" for i in layers]
+        out = ["acg-edges"] + (["acg-attention"] if self.attention is not None else [])
+        out += ["novelty", "mahalanobis"] + [f"mahalanobis-L{i}" for i in layers]
         return out + (["probe (supervised)"] if self.probe is not None else [])
 
     @torch.no_grad()
@@ -336,10 +355,13 @@ class Detectors:
         for start in range(0, tokens.shape[0], batch_size):
             tok = tokens[start : start + batch_size]
             mask = valid_mask(tok, self.pad_token_id)
-            if want & {"acg-edges", "novelty"}:
+            if want & {"acg-edges", "acg-attention", "novelty"}:
                 trace = self.acg.run(tok)
                 if "acg-edges" in want:
                     out["acg-edges"].append(self.edge.score_trace(self.acg, trace, mask)[0])
+                if "acg-attention" in want:
+                    excess = attention_excess(self.attention, trace, mask)
+                    out["acg-attention"].append(excess.amax(1))
                 if "novelty" in want:
                     out["novelty"].append(self.novelty.position_scores(trace, mask).amax(1))
             if maha:
@@ -439,8 +461,11 @@ class Detectors:
         for i in self.mahalanobis.mean:
             t[f"maha.mean.{i}"] = self.mahalanobis.mean[i]
             t[f"maha.prec.{i}"] = self.mahalanobis.prec[i]
-        atomic_save_tensors(folder / "detector.safetensors", t)
         meta = dict(self.meta)
+        if self.attention is not None:
+            t["attention.pairs"], t["attention.peak"] = self.attention.pairs, self.attention.peak
+            meta.update(attention_kind=self.attention.kind, attention_vocab=self.attention.vocab)
+        atomic_save_tensors(folder / "detector.safetensors", t)
         meta.update(
             format_version=FORMAT_VERSION,
             kind="acgraph-detector",
@@ -485,7 +510,16 @@ def load_detectors(folder: str | Path, model: Any, transcoders: dict[int, Any]) 
         {i: t[f"maha.prec.{i}"] for i in maha_layers},
     )
     nov = Novelty(get("novelty.count"), meta["n_positions"])
-    return Detectors(weights, edge, maha, nov, meta.get("pad_token_id"), meta=meta)
+    attention = None
+    if "attention.pairs" in t:  # detectors fitted before acg-attention have none
+        if meta.get("attention_kind") not in KINDS:
+            raise ArtifactError(f"{folder}/detector.json: unknown attention_kind")
+        attention = AttentionBounds(
+            t["attention.pairs"], t["attention.peak"], int(meta["attention_vocab"]), 0.0,
+            meta["attention_kind"],
+        )  # fmt: skip
+    return Detectors(weights, edge, maha, nov, meta.get("pad_token_id"), meta=meta,
+                     attention=attention)  # fmt: skip
 
 
 def fit_detectors(
@@ -510,7 +544,8 @@ def fit_detectors(
     )
     maha = fit_mahalanobis(model, batches, pad_token_id)
     nov = Novelty(dict(edge.count), edge.n_positions)
-    det = Detectors(graph.weights, edge, maha, nov, pad_token_id)
+    attention = attention_peaks(acg, batches, 0.0, pad_token_id)
+    det = Detectors(graph.weights, edge, maha, nov, pad_token_id, attention=attention)
     det._acg = acg
     return det
 
