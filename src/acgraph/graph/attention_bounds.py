@@ -76,13 +76,17 @@ class AttentionBounds:
         peak = torch.where(seen[:, None], peak, torch.zeros_like(peak))
         return peak.clamp(min=self.floor)
 
+    def excess(self, layer: int, pattern: Tensor, tokens: Tensor) -> Tensor:
+        """``[B, H, T, T]``: how far each weight of ``pattern`` goes beyond its limit (0 within)."""
+        return (pattern - self.limits(layer, tokens).to(pattern)).clamp(min=0)
+
     def apply(self, layer: int, pattern: Tensor, tokens: Tensor) -> Tensor:
         """``pattern`` with every weight capped at its limit, the excess moved to BOS."""
         if layer >= self.n_layers:
             return pattern
-        capped = torch.minimum(pattern, self.limits(layer, tokens).to(pattern))
-        excess = (pattern - capped).sum(-1)
-        capped[..., 0] += excess
+        over = self.excess(layer, pattern, tokens)
+        capped = pattern - over
+        capped[..., 0] += over.sum(-1)
         return capped
 
     # ------------------------------------------------------------------ files

@@ -149,6 +149,14 @@ def feature_usage(
     }
 
 
+def _kl_train(model: Any, transcoders: dict[int, Any], trusted, steps: int, lr: float) -> dict:
+    """End-to-end KL training of ``transcoders`` in place on trusted text; its summary."""
+    from acgraph.dictionaries.finetune import finetune_end_to_end
+
+    kl = finetune_end_to_end(model, transcoders, trusted, steps=steps, lr=lr)
+    return {"steps": steps, "kl_first": kl[0], "kl_last": kl[-1]}
+
+
 def clean(
     model: Any,
     transcoders: dict[int, Any],
@@ -160,7 +168,6 @@ def clean(
     and ``trusted`` token batches (each row starting with BOS). ``wide_trusted`` (default:
     ``trusted``) is more of the same trusted corpus for the attention bounds, which need many
     token pairs seen and only one cheap pass. Nothing else is an input."""
-    from acgraph.dictionaries.finetune import finetune_end_to_end
     from acgraph.graph.forward import ACGModel
     from acgraph.graph.weights import ModelWeights
 
@@ -174,10 +181,9 @@ def clean(
     info: dict[str, Any] = {}
     if config.finetune_steps:  # on copies: the caller's transcoders stay as given
         transcoders = {i: copy.deepcopy(tc) for i, tc in transcoders.items()}
-        kl = finetune_end_to_end(
-            model, transcoders, trusted, steps=config.finetune_steps, lr=config.finetune_lr
+        info["finetune"] = _kl_train(
+            model, transcoders, trusted, config.finetune_steps, config.finetune_lr
         )
-        info["finetune"] = {"steps": config.finetune_steps, "kl_first": kl[0], "kl_last": kl[-1]}
     full = ACGModel(ModelWeights(model, dict(transcoders), bos))  # bounds measured afresh
     usage = feature_usage(full, trusted, pad)
     thresholds = calibrate_thresholds(full, trusted, pad) if config.jumprelu else {}
@@ -207,10 +213,7 @@ def clean(
             )
         cleaned[layer] = new
     if config.refine_steps:
-        kl = finetune_end_to_end(
-            model, cleaned, trusted, steps=config.refine_steps, lr=config.refine_lr
-        )
-        info["refine"] = {"steps": config.refine_steps, "kl_first": kl[0], "kl_last": kl[-1]}
+        info["refine"] = _kl_train(model, cleaned, trusted, config.refine_steps, config.refine_lr)
     bounds = None
     if config.attention_floor is not None:
         unbounded = ACGModel(ModelWeights(model, cleaned, bos))

@@ -310,7 +310,7 @@ def attention_excess(bounds: AttentionBounds, trace: Trace, mask: Tensor) -> Ten
     B, T = trace.tokens.shape
     pos = torch.zeros(B, T)
     for layer, pattern in enumerate(trace.pattern):
-        excess = (pattern - bounds.limits(layer, trace.tokens)).clamp(min=0)
+        excess = bounds.excess(layer, pattern, trace.tokens)
         pos = torch.maximum(pos, excess.amax(dim=(1, 3)))
     return pos * mask
 
