@@ -1,5 +1,5 @@
 """Attention bounds: per head, a query token gives a key token no more weight than trusted data
-ever did (or a floor); the excess goes to BOS."""
+ever did (or a floor); the excess goes to BOS, or such keys are masked before the softmax."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import torch
 
 from acgraph.errors import ArtifactError, ConfigError
 from acgraph.graph import ACGModel, AttentionBounds, ModelWeights
-from acgraph.graph.attention_bounds import FILENAME, KINDS, PeakAttention, attention_peaks
+from acgraph.graph.attention_bounds import (
+    FILENAME,
+    KINDS,
+    MODES,
+    PeakAttention,
+    attention_peaks,
+)
 
 torch.set_num_threads(1)
 
@@ -23,9 +29,12 @@ def _patterns(B: int, H: int, T: int, n: int, seed: int = 0) -> list[torch.Tenso
 
 
 def _pair(tokens: torch.Tensor, i: int, t: int, u: int, V: int, kind: str) -> int:
-    """The pair id written out by hand: (query, key), or (key, the token after it if t > u)."""
+    """The pair id written out by hand: (query, key), (key, the token before it), or (key, the
+    token after it if t > u)."""
     if kind == "query-key":
         return int(tokens[i, t]) * (V + 1) + int(tokens[i, u])
+    if kind == "key-previous":
+        return int(tokens[i, u]) * (V + 1) + (int(tokens[i, u - 1]) if u > 0 else V)
     return int(tokens[i, u]) * (V + 1) + (int(tokens[i, u + 1]) if t > u else V)
 
 
@@ -91,6 +100,32 @@ def test_apply_caps_a_weight_at_its_limit_and_gives_the_excess_to_bos():
         AttentionBounds(torch.tensor([0]), torch.zeros(1, 1, 1), V, 0.1, "trigram")
 
 
+def test_mask_mode_is_a_minus_infinity_before_the_softmax_on_unseen_keys():
+    V, H, T = 4, 2, 5
+    tokens = torch.tensor([[0, 3, 1, 2, 3]])
+    scores = torch.randn(1, H, T, T, generator=torch.Generator().manual_seed(3))
+    causal = torch.ones(T, T).tril().bool()
+    pattern = scores.masked_fill(~causal, -torch.inf).softmax(-1)
+    # key-previous pairs (sorted ids): key 1 after 3 at 0.5 in head 0 only, key 3 after 2 at
+    # 0.05 in both (below the floor)
+    pairs = torch.tensor([1 * (V + 1) + 3, 3 * (V + 1) + 2])
+    peak = torch.tensor([[[0.5, 0.05], [0.0, 0.05]]])
+    bounds = AttentionBounds(pairs, peak, V, 0.1, "key-previous", "mask")
+    out = bounds.apply(0, pattern, tokens)
+    # head 0 keeps BOS and key 2 (token 1 after 3, peak 0.5 >= floor); head 1 only BOS
+    keep = torch.zeros(1, H, T, T, dtype=torch.bool)
+    keep[..., 0] = True
+    keep[0, 0, :, 2] = True
+    want = scores.masked_fill(~(causal & keep), -torch.inf).softmax(-1)
+    assert torch.allclose(out, want, atol=1e-6)
+    # the same pairs as a cap: key 4 (3 after 2, peak 0.05) may still get up to the floor
+    capped = AttentionBounds(pairs, peak, V, 0.1, "key-previous", "cap").apply(0, pattern, tokens)
+    assert bool((capped[..., 1:] <= 0.1 + 1e-6).logical_or(keep[..., 1:]).all())
+    assert bool((capped[0, 1, 4, 4] > 0) == (pattern[0, 1, 4, 4] > 0))
+    with pytest.raises(ConfigError, match="mode"):
+        AttentionBounds(pairs, peak, V, 0.1, "key-previous", "clip")
+
+
 def test_a_bounded_graph_runs_trusted_text_unchanged_and_caps_other_text(
     trusted_organism, tmp_path
 ):
@@ -116,6 +151,23 @@ def test_a_bounded_graph_runs_trusted_text_unchanged_and_caps_other_text(
     loaded = AttentionBounds.load(tmp_path)
     assert torch.equal(loaded.pairs, bounds.pairs) and torch.equal(loaded.peak, bounds.peak)
     assert (loaded.vocab, loaded.floor, loaded.kind) == (bounds.vocab, bounds.floor, bounds.kind)
+    # a masking, key-previous set keeps its kind and mode; masked trusted text is unchanged too
+    prev = attention_peaks(plain, trusted, 0.0, kind="key-previous", mode="mask")
+    masked = ACGModel(ModelWeights(model, tcs, bos, prev))
+    real = trusted[0] != 0  # padded positions were never measured
+    assert torch.allclose(masked(trusted[0])[real], plain(trusted[0])[real], atol=1e-4)
+    assert not torch.allclose(masked(odd), plain(odd))
+    prev.save(tmp_path)
+    assert (AttentionBounds.load(tmp_path).kind, AttentionBounds.load(tmp_path).mode) == (
+        "key-previous",
+        "mask",
+    )
+
+
+def test_the_cli_offers_every_kind_and_mode():
+    from acgraph.cli.safety import ATTENTION_KINDS, ATTENTION_MODES
+
+    assert (ATTENTION_KINDS, ATTENTION_MODES) == (KINDS, MODES)
 
 
 def test_a_damaged_bounds_file_is_refused(tmp_path):

@@ -122,11 +122,13 @@ def test_input_subspace_projects_out_unused_directions(organism):
 
 def test_save_and_load_cleaned_roundtrip(organism, tmp_path):
     model, tcs, trusted = organism
-    result = clean(model, tcs, trusted[:1], CleanConfig(min_frequency=1e-3))
+    cfg = CleanConfig(min_frequency=1e-3, attention_kind="key-previous", attention_mode="mask")
+    result = clean(model, tcs, trusted[:1], cfg)
     save_cleaned(result, tmp_path / "clean", {"note": "test"})
     loaded = load_transcoders(str(tmp_path / "clean"))  # as every --transcoders reads it
     assert result.acg.w.attention_bounds is not None  # on by default
     assert torch.equal(loaded.attention_bounds.peak, result.acg.w.attention_bounds.peak)
+    assert (loaded.attention_bounds.kind, loaded.attention_bounds.mode) == ("key-previous", "mask")
     acg = ACGModel(ModelWeights(model, loaded, 1))
     toks = trusted[1][:2]
     assert torch.allclose(acg(toks), result.acg(toks), atol=1e-5)
@@ -142,6 +144,8 @@ def test_bad_thresholds_are_refused(organism):
         clean(model, tcs, [], CleanConfig())
     with pytest.raises(ConfigError, match="attention_floor"):
         clean(model, tcs, trusted, CleanConfig(attention_floor=-0.1))
+    with pytest.raises(ConfigError, match="attention_mode"):
+        clean(model, tcs, trusted, CleanConfig(attention_mode="clip"))
     with pytest.raises(ConfigError, match="refine_steps"):
         clean(model, tcs, trusted, CleanConfig(refine_steps=-1))
 

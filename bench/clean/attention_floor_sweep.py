@@ -1,13 +1,14 @@
 """How the attention bounds of `acg clean` depend on their two settings: the floor any token
-pair may reach, how much trusted text the peaks are measured on (token-pair coverage), and
-which token pair keys them.
+pair may reach, how much trusted text the peaks are measured on (token-pair coverage), which
+token pair keys them, and whether they cap or mask.
 
 Takes a cleaned transcoder folder, measures the peaks through its ACG (without any bounds it
 stores) on N trusted contexts, and scores the organism for each floor. Only the evaluation
 reads the trigger; the bounds see trusted text alone.
 
     .venv/bin/python bench/clean/attention_floor_sweep.py --transcoders CLEAN \
-        --kinds key-bigram,query-key --contexts 256,2048 --floors 0,0.1,0.25 --out X.json
+        --kinds key-bigram,query-key --modes cap,mask --contexts 256,2048 --floors 0,0.1,0.25 \
+        --out X.json
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     p.add_argument("--contexts", default="256,2048")
     p.add_argument("--floors", default="0,0.1,0.2,0.25,0.3,0.5")
     p.add_argument("--kinds", default="key-bigram,query-key")
+    p.add_argument("--modes", default="cap")
     p.add_argument("--per-domain", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out")
@@ -53,8 +55,9 @@ def main() -> None:
         batches = list(toks.split(16))
         peaks = attention_peaks(plain, batches, 0.0, model.tokenizer.pad_token_id, kind)
         seconds = time.perf_counter() - t0
-        for floor in [float(f) for f in args.floors.split(",")]:
-            peaks.floor = floor
+        settings = [(m, float(f)) for m in args.modes.split(",") for f in args.floors.split(",")]
+        for mode, floor in settings:
+            peaks.floor, peaks.mode = floor, mode
             bounded = ACGModel(ModelWeights(model, tcs, bos, peaks))
             r = evaluate(bounded, cfg, args.per_domain).to_dict()
             row = {
@@ -62,6 +65,7 @@ def main() -> None:
                 "contexts": n,
                 "pairs_seen": len(peaks.pairs),
                 "measure_seconds": round(seconds, 1),
+                "mode": mode,
                 "floor": floor,
                 "attack_success_rate": r["backdoor"]["attack_success_rate"],
                 "false_trigger_rate": r["backdoor"]["false_trigger_rate"],

@@ -20,6 +20,9 @@ from typing import Any
 from acgraph.errors import ConfigError
 
 UNTRUSTED_WORDS = ("poison", "trigger", "payload")
+# graph/attention_bounds.py's KINDS and MODES, spelled out so the parser needs no torch import
+ATTENTION_KINDS = ("key-bigram", "query-key", "key-previous")
+ATTENTION_MODES = ("cap", "mask")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,9 +61,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--attention-kind",
-        choices=("key-bigram", "query-key"),
+        choices=ATTENTION_KINDS,
         default="key-bigram",
-        help="token pair the bounds are kept by: a key and the token after it, or query and key",
+        help="token pair the bounds are kept by: a key and the token after (key-bigram) or "
+        "before it (key-previous), or query and key",
+    )
+    p.add_argument(
+        "--attention-mode",
+        choices=ATTENTION_MODES,
+        default="cap",
+        help="cap: weights above the bound go to BOS; mask: keys whose pair trusted data gave "
+        "less than the floor get -inf before the softmax",
     )
     p.add_argument("--no-attention-bounds", action="store_true", help="leave attention as is")
     p.add_argument(
@@ -200,6 +211,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
         refine_lr=args.refine_lr,
         attention_floor=None if args.no_attention_bounds else args.attention_floor,
         attention_kind=args.attention_kind,
+        attention_mode=args.attention_mode,
     )
     cfg.validate()
     start = time.perf_counter()

@@ -14,8 +14,9 @@ text (:func:`clean` has no parameter through which one could arrive). Steps:
    maximum): computation that only an untrusted input would drive is cut or bounded;
 4. optionally refine the kept features end to end on the same trusted corpus;
 5. bound attention (graph/attention_bounds.py): per head, a key token in its context (the
-   token after it) gets no more weight than trusted data ever gave it (or a floor any pair may
-   reach): a head that looks somewhere trusted text never made it look is cut back to BOS;
+   token after it, or before it) gets no more weight than trusted data ever gave it (or a
+   floor any pair may reach): a head that looks somewhere trusted text never made it look is
+   cut back to BOS (``cap``), or such keys are masked out before the softmax (``mask``);
 6. the runnable ACG of what is kept. Its TopK activations are written as calibrated JumpReLUs
    (thresholds from trusted data), so the cleaned graph compiles exactly (see compile.py);
    the attention bounds do not compile into GPT-2 attention and stay in the ACG.
@@ -36,7 +37,7 @@ from acgraph.dictionaries import capped
 from acgraph.dictionaries.capped import CappedActivation
 from acgraph.dictionaries.finetune import valid_mask
 from acgraph.errors import ConfigError
-from acgraph.graph.attention_bounds import KINDS, attention_peaks
+from acgraph.graph.attention_bounds import KINDS, MODES, attention_peaks
 
 from .compile import calibrate_thresholds, derive_transcoder
 
@@ -55,7 +56,8 @@ class CleanConfig:
     refine_lr: float = 1e-4
     # attention on a token pair capped at max(trusted peak, floor) (None: no bounds)
     attention_floor: float | None = 0.1
-    attention_kind: str = "key-bigram"  # or "query-key" (graph/attention_bounds.py)
+    attention_kind: str = "key-bigram"  # or key-previous, query-key (graph/attention_bounds.py)
+    attention_mode: str = "cap"  # or "mask": unseen/below-floor keys get -inf before softmax
 
     def validate(self) -> None:
         if not 0.0 <= self.min_frequency < 1.0:
@@ -72,6 +74,10 @@ class CleanConfig:
         if self.attention_kind not in KINDS:
             raise ConfigError(
                 f"attention_kind must be one of {', '.join(KINDS)}, got {self.attention_kind!r}"
+            )
+        if self.attention_mode not in MODES:
+            raise ConfigError(
+                f"attention_mode must be one of {', '.join(MODES)}, got {self.attention_mode!r}"
             )
 
 
@@ -218,7 +224,12 @@ def clean(
     if config.attention_floor is not None:
         unbounded = ACGModel(ModelWeights(model, cleaned, bos))
         bounds = attention_peaks(
-            unbounded, wide_trusted or trusted, config.attention_floor, pad, config.attention_kind
+            unbounded,
+            wide_trusted or trusted,
+            config.attention_floor,
+            pad,
+            config.attention_kind,
+            config.attention_mode,
         )
         info["attention_pairs_seen"] = len(bounds.pairs)
     acg = ACGModel(ModelWeights(model, cleaned, bos, bounds))
@@ -233,6 +244,7 @@ def clean(
         "input_rank": {str(i): round(float(P.trace())) for i, P in projectors.items()},
         "attention_floor": config.attention_floor,
         "attention_kind": config.attention_kind if config.attention_floor is not None else None,
+        "attention_mode": config.attention_mode if config.attention_floor is not None else None,
     }
     return CleanResult(acg, cleaned, keep, usage, config, info)
 
