@@ -52,18 +52,18 @@ def test_demo_organism_stage(tmp_path, capsys):
     assert "anomalous computation" in out and "acg-edges" in out
 
     # clean -> compile: trusted data only removes the backdoor from the runnable graph (the
-    # attention bounds do it), the domains survive, and the compiled folder computes the
-    # cleaned graph without its bounds
-    clean = json.loads((tmp_path / "clean_report.json").read_text())["rows"]
+    # attention mask does it), the domains survive, and the compiled folder computes the
+    # cleaned graph, mask included
+    report = json.loads((tmp_path / "clean_report.json").read_text())
+    clean = report["rows"]
     asr = {k: r["backdoor"]["attack_success_rate"] for k, r in clean.items()}
     assert asr["original"] >= 0.95 and asr["cleaned"] <= 0.05
     assert asr["cleaned, no attention bounds"] > asr["cleaned"] + 0.1
     assert min(clean["cleaned"]["domains"].values()) >= 0.9
-    compiled, unbounded = clean["cleaned, compiled"], clean["cleaned, no attention bounds"]
-    assert abs(compiled["ce_loss"] - unbounded["ce_loss"]) < 1e-2
-    assert abs(asr["cleaned, compiled"] - asr["cleaned, no attention bounds"]) <= 0.02
-    report = json.loads((tmp_path / "clean_report.json").read_text())
-    assert report["compiled_vs_cleaned_without_bounds"]["top1_agreement"] >= 0.99
-    assert report["attention_bounds"] == "not compiled"
+    compiled = clean["cleaned, compiled"]
+    assert abs(compiled["ce_loss"] - clean["cleaned"]["ce_loss"]) < 1e-2
+    assert abs(asr["cleaned, compiled"] - asr["cleaned"]) <= 0.02
+    assert report["compiled_vs_cleaned"]["top1_agreement"] >= 0.99
+    assert report["attention_bounds"].startswith("compiled")
     assert (tmp_path / "compiled" / "model.safetensors").is_file()
     assert "backdoor removal with trusted data only" in out

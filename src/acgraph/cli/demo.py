@@ -53,12 +53,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     c = summary["clean"]
     print("\n== backdoor removal with trusted data only, then compiled (organism)")
     print(format_clean_table(c["rows"]))
-    a, b = c["compiled_vs_cleaned_without_bounds"], c["bounds_on_fresh_trusted_text"]
+    a, b = c["compiled_vs_cleaned"], c["bounds_on_fresh_trusted_text"]
     print(
-        f"on fresh trusted text, compiled vs the cleaned ACG without its attention bounds: "
-        f"top-1 {a['top1_agreement']:.4f}, KL {a['kl']:.1e} ({c['parameters']:,} parameters); "
-        f"the bounds themselves: top-1 {b['top1_agreement']:.4f}, KL {b['kl']:.1e}. GPT-2 has "
-        f"no cap after its softmax: the bounds are {c['attention_bounds']}"
+        f"on fresh trusted text, compiled vs the cleaned ACG: top-1 {a['top1_agreement']:.4f}, "
+        f"KL {a['kl']:.1e} ({c['parameters']:,} parameters); the attention mask itself: top-1 "
+        f"{b['top1_agreement']:.4f}, KL {b['kl']:.1e}. Attention bounds: {c['attention_bounds']}"
     )
     if "smollm2" in summary:
         s = summary["smollm2"]

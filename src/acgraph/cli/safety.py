@@ -332,9 +332,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if unbounded is not None:
         u = report["agreement_vs_acg_without_bounds"]
         print(
-            f"  attention bounds do not compile (GPT-2 has no cap after its softmax): vs the "
-            f"ACG without them top-1 {u['top1_agreement']:.4f}, KL {u['kl']:.2e}"
+            f"  attention bounds: {report['attention_bounds']}; vs the ACG without them top-1 "
+            f"{u['top1_agreement']:.4f}, KL {u['kl']:.2e}"
         )
+        if report["attention_bounds"] == "not compiled":
+            print(
+                "  (bounds that compile: acg clean --attention-kind key-previous "
+                "--attention-mode mask; docs/clean.md)"
+            )
     org = report["organism"]
     if org["compiled"] is not None:
         print(_row("ACG", org["acg"]))

@@ -23,6 +23,9 @@ Each MLP of the compiled network *is* the layer's transcoder:
   the difference, so position 0 is exact too; τ sits above every non-BOS position seen in
   calibration (reported as ``bos_margin``).
 - removed features (a cleaned or distilled graph) are simply absent units.
+- a cleaned graph's attention mask (key-previous kind, mask mode) becomes a block in front of
+  the model's and a wider residual stream (compile_mask.py); other attention bounds do not
+  compile and are reported as such.
 
 Layers have different unit counts; GPT-2 needs one ``n_inner``, so short layers are padded with
 zero units (``effective_parameters`` counts only non-zero MLP weights).
@@ -44,6 +47,8 @@ from torch import Tensor
 
 from acgraph.dictionaries.metrics import CONFIDENT_P
 from acgraph.errors import ArtifactError, ConfigError
+
+from .compile_mask import compile_key_previous_mask
 
 MODES = ("jumprelu", "shift", "relu")
 
@@ -323,8 +328,9 @@ def compile_acg(
 ) -> CompileResult:
     """Compile a level-1 ``ACGModel`` (every MLP = its transcoder, exact attention) into a
     ``transformers.GPT2LMHeadModel``. ``calibration`` (token batches starting with BOS) sets
-    the TopK thresholds (when ``thresholds`` is None) and the BOS unit's cut-off. Attention
-    bounds (a cleaned ACG's) are not expressible and are left out (``info``)."""
+    the TopK thresholds (when ``thresholds`` is None) and the BOS unit's cut-off. A cleaned
+    ACG's attention bounds compile where they are a key-previous mask (compile_mask.py); any
+    other kind is not expressible and is left out (``info``)."""
     from transformers import GPT2LMHeadModel
 
     if acg.edges or acg.qk:
@@ -402,13 +408,18 @@ def compile_acg(
     sd["lm_head.weight"] = model.W_U.detach().T.clone()
     net.load_state_dict(sd)
     net.requires_grad_(False)
+    bounds = w.attention_bounds
+    if bounds is not None and (bounds.kind, bounds.mode) == ("key-previous", "mask"):
+        if not calibration:
+            raise ConfigError("compiling an attention mask needs calibration batches")
+        net = compile_key_previous_mask(net, bounds, list(calibration))
     mlp_params = sum(
         int((m.W_in != 0).sum() + (m.b_in != 0).sum() + (m.W_out != 0).sum()) for m in mlps
     )
     info = {
         "mode": mode,
         "ramp": ramp if mode == "jumprelu" else None,
-        "n_inner": n_inner,
+        "n_inner": net.config.n_inner,  # wider where a mask compiled
         "units": [
             {
                 "features": m.n_feature_units,
@@ -426,11 +437,19 @@ def compile_acg(
         "nonzero_parameters": sum(int((p != 0).sum()) for p in net.parameters()),
         "effective_mlp_parameters": mlp_params,
         "original_parameters": sum(p.numel() for p in model.parameters()),
-        # GPT-2 attention is softmax(q·k) with nothing after it: a per-token-pair cap on the
-        # pattern has no construction there, so a bounded ACG compiles without its bounds
-        "attention_bounds": "not compiled" if w.attention_bounds is not None else None,
+        # GPT-2 attention is softmax(q·k) with nothing after it: a cap on the pattern, or a
+        # gate on the token after the key, has no construction there; a key-previous mask does
+        "attention_bounds": _bounds_note(bounds),
     }
     return CompileResult(net, mlps, info, thresholds)
+
+
+def _bounds_note(bounds: Any) -> str | None:
+    if bounds is None:
+        return None
+    if (bounds.kind, bounds.mode) == ("key-previous", "mask"):
+        return "compiled (key-previous mask: a flag block in front, compile_mask.py)"
+    return "not compiled"
 
 
 def save_compiled(result: CompileResult, tokenizer: Any, folder: str | Path) -> Path:
