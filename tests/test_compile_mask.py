@@ -3,6 +3,8 @@ a flag block in front and a wider residual stream, measured against the masked A
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -91,3 +93,24 @@ def test_only_key_previous_masks_compile(masked):
     info = compile_acg(ACGModel(ModelWeights(model, jump, BOS, cap)),
                        calibration=trusted[:1]).info  # fmt: skip
     assert info["attention_bounds"] == "not compiled"
+
+
+def test_cli_clean_with_a_mask_then_compile_carries_it(tmp_path, capsys):
+    from acgraph.cli import main
+
+    clean, net = tmp_path / "clean", tmp_path / "net"
+    common = ["--model", "organism", "--context-size", "32", "--per-domain", "5"]
+    code = main(
+        ["clean", *common, "--transcoders", "organism", "--corpus", "organism:trusted",
+         "--contexts", "16", "--attention-contexts", "16", "--attention-kind", "key-previous",
+         "--attention-mode", "mask", "--attention-floor", "0.02", "--out", str(clean)]
+    )  # fmt: skip
+    assert code == 0
+    capsys.readouterr()
+    code = main(["compile", *common, "--transcoders", str(clean), "--out", str(net),
+                 "--contexts", "4"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "attention bounds: compiled (key-previous mask" in printed
+    assert json.loads((net / "config.json").read_text())["n_layer"] == 4  # flag block + 3
+    assert json.loads((net / "compile.json").read_text())["attention_bounds"].startswith("compiled")

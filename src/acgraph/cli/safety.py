@@ -71,7 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=ATTENTION_MODES,
         default="cap",
         help="cap: weights above the bound go to BOS; mask: keys whose pair trusted data gave "
-        "less than the floor get -inf before the softmax",
+        "less than the floor get -inf before the softmax (key-previous masks compile into "
+        "`acg compile`'s network)",
     )
     p.add_argument("--no-attention-bounds", action="store_true", help="leave attention as is")
     p.add_argument(
