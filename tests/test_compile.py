@@ -1,4 +1,4 @@
-"""`acg compile`: a level-1 ACG written back as a plain GPT-2 network."""
+"""`acg compile`: a level-1 ACG written back as a plain GPT-2 (or Llama) network."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import sys
 
 import pytest
 import torch
+from test_graph import tiny_llama
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from acgraph.dictionaries.config import DictionaryConfig
 from acgraph.dictionaries.dictionary import SparseDictionary
-from acgraph.errors import ConfigError
+from acgraph.errors import ArtifactError, ConfigError
 from acgraph.graph import ACGModel, ModelWeights
 from acgraph.safety.clean import CappedActivation
 from acgraph.safety.compile import (
@@ -237,6 +238,38 @@ print(json.dumps({{"acgraph": "acgraph" in sys.modules, "gen": gen.shape[1] - id
     assert info == {"acgraph": False, "gen": 3, "act": "relu"}
     got = torch.load(tmp_path / "logits.pt", weights_only=True)
     assert (got - expected).abs().max() < 1e-4
+
+
+def test_llama_models_compile_exactly_to_a_llama_folder(tmp_path):
+    """Same MLP units in Llama's gated MLP (relu(gate) * 1): the compiled LlamaForCausalLM
+    computes the level-1 ACG, BOS included, and plain transformers loads and generates."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama()  # RMSNorm, rotary, grouped-query and biased attention
+    with torch.no_grad():
+        model.b_U.zero_()  # Llama has no unembedding bias
+    jump = {
+        i: derive_transcoder(tc, threshold=torch.full((tc.d_sae,), 0.05))
+        for i, tc in relu_transcoders(model).items()
+    }  # JumpReLU: ramp units as on GPT-2
+    acg = ACGModel(ModelWeights(model, jump, BOS))
+    result = compile_acg(acg, calibration=[tokens(seed=1)])
+    assert type(result.model).__name__ == "LlamaForCausalLM"
+    assert result.model.config.num_key_value_heads == 2
+    toks = tokens(seed=2)
+    a = agreement(acg, hf_logits(result.model), [toks])
+    assert a["top1_agreement"] == 1.0 and a["kl"] < 1e-6
+    assert (acg(toks) - model(toks)).abs().max() > 0.01  # the transcoders are not the MLPs
+    out = save_compiled(result, None, tmp_path / "llama")
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(toks).logits, result.model(toks).logits, atol=1e-5)
+        gen = loaded.generate(toks[:1, :5], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert gen.shape[1] == 8
+    with torch.no_grad():
+        model.blocks[0].attn.attn_scale = 2.0  # not Llama's sqrt(d_head)
+    with pytest.raises(ArtifactError, match="sqrt"):
+        compile_acg(acg, calibration=[tokens(seed=1)])
 
 
 def test_cli_compile_writes_a_loadable_folder(tmp_path, capsys):

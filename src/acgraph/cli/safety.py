@@ -85,7 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=cmd_clean)
 
-    p = sub.add_parser("compile", help="compile a level-1 ACG into a plain GPT-2 HF folder")
+    p = sub.add_parser(
+        "compile", help="compile a level-1 ACG into a plain HF folder (GPT-2, or Llama)"
+    )
     p.add_argument("--model", required=True, metavar="SPEC", help="model spec")
     p.add_argument(
         "--transcoders",
@@ -318,7 +320,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return 0
     a = report["agreement_vs_acg"]
     print(
-        f"compiled ({args.mode}) -> {args.out}: {report['parameters']:,} parameters "
+        f"compiled ({report['architecture']}, {args.mode}) -> {args.out}: "
+        f"{report['parameters']:,} parameters "
         f"(original {report['original_parameters']:,}), n_inner {report['n_inner']}; vs the ACG: "
         f"top-1 {a['top1_agreement']:.4f} (confident positions "
         f"{a['top1_agreement_confident']:.4f}), KL {a['kl']:.2e} over {a['positions']} positions"

@@ -1,4 +1,6 @@
-"""Compile a level-1 ACG back into an ordinary GPT-2 network (`acg compile`).
+"""Compile a level-1 ACG back into an ordinary network (`acg compile`): a GPT-2 for
+LayerNorm models with learned positions, a Llama for RMSNorm + rotary models
+(compile_llama.py; the MLP units below are the same in both).
 
 Each MLP of the compiled network *is* the layer's transcoder:
 
@@ -27,7 +29,7 @@ Each MLP of the compiled network *is* the layer's transcoder:
   the model's and a wider residual stream (compile_mask.py); other attention bounds do not
   compile and are reported as such.
 
-Layers have different unit counts; GPT-2 needs one ``n_inner``, so short layers are padded with
+Layers have different unit counts; the network needs one MLP width, so short layers are padded with
 zero units (``effective_parameters`` counts only non-zero MLP weights).
 """
 
@@ -48,6 +50,7 @@ from torch import Tensor
 from acgraph.dictionaries.metrics import CONFIDENT_P
 from acgraph.errors import ArtifactError, ConfigError
 
+from .compile_llama import check_llama, llama_network
 from .compile_mask import compile_key_previous_mask
 
 MODES = ("jumprelu", "shift", "relu")
@@ -75,7 +78,7 @@ class CompiledMLP:
 
 @dataclass
 class CompileResult:
-    model: Any  # transformers.GPT2LMHeadModel
+    model: Any  # transformers.GPT2LMHeadModel or LlamaForCausalLM
     mlps: list[CompiledMLP]
     info: dict[str, Any] = field(default_factory=dict)
     thresholds: dict[int, Tensor] = field(default_factory=dict)  # what stood in for TopK
@@ -218,9 +221,9 @@ def compile_mlp(
     return mlp
 
 
-def _normalize(x: Tensor, eps: float) -> Tensor:
-    c = x - x.mean(-1, keepdim=True)
-    return c / (c.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+def _normalize(weights: Any, x: Tensor) -> Tensor:
+    """``x`` through the model's norm without its weight (LayerNorm or RMSNorm)."""
+    return weights.center(x) / weights.scale(x)[..., None]
 
 
 def add_bos_unit(
@@ -229,7 +232,7 @@ def add_bos_unit(
     """Add the unit that makes the BOS position write what the real MLP writes there.
     Returns the new MLP and the margin (1 - cut-off cosine); no unit when ``max_cos`` leaves no
     room (margin <= 0)."""
-    n0 = _normalize(weights.bos_resid[2 * layer + 1], weights.eps)
+    n0 = _normalize(weights, weights.bos_resid[2 * layer + 1])
     norm = float(n0.norm())
     margin = 1.0 - max_cos
     if margin <= 1e-4:
@@ -265,8 +268,8 @@ def bos_cosines(acg: Any, batches: Sequence[Tensor], pad_token_id: int | None = 
         if pad_token_id is not None:
             mask &= tokens != pad_token_id
         for layer in range(acg.layout.n_layers):
-            n = _normalize(trace.resid[2 * layer + 1][mask], w.eps)
-            n0 = _normalize(w.bos_resid[2 * layer + 1], w.eps)
+            n = _normalize(w, trace.resid[2 * layer + 1][mask])
+            n0 = _normalize(w, w.bos_resid[2 * layer + 1])
             cos = (n @ n0) / (n.norm(dim=-1) * n0.norm()).clamp(min=1e-12)
             if cos.numel():
                 best[layer] = max(best[layer], float(cos.max()))
@@ -315,6 +318,45 @@ def _check_gpt2(model: Any) -> None:
         raise ArtifactError("compile needs attention scaled by sqrt(d_head) (GPT-2)")
 
 
+def _gpt2_network(model: Any, w: Any, mlps: list[CompiledMLP], n_inner: int) -> Any:
+    """The model's embeddings, attention and norms, with ``mlps`` as its MLPs, as GPT-2."""
+    from transformers import GPT2LMHeadModel
+
+    cfg = _gpt2_config(model, n_inner)
+    net = GPT2LMHeadModel(cfg).eval()
+    d, H, dh = model.cfg.d_model, model.cfg.n_heads, model.cfg.d_head
+    sd = net.state_dict()
+    sd["transformer.wte.weight"] = w.W_E.clone()
+    sd["transformer.wpe.weight"] = w.W_pos.clone()
+    for i, block in enumerate(model.blocks):
+        p = f"transformer.h.{i}."
+        attn = block.attn
+        sd[p + "ln_1.weight"] = block.ln1.w.clone()
+        sd[p + "ln_1.bias"] = block.ln1.b.clone()
+        qkv = [getattr(attn, f"W_{n}").detach().permute(1, 0, 2).reshape(d, H * dh) for n in "QKV"]
+        sd[p + "attn.c_attn.weight"] = torch.cat(qkv, 1)
+        sd[p + "attn.c_attn.bias"] = torch.cat(
+            [getattr(attn, f"b_{n}").detach().reshape(-1) for n in "QKV"]
+        )
+        sd[p + "attn.c_proj.weight"] = attn.W_O.detach().reshape(H * dh, d).clone()
+        sd[p + "attn.c_proj.bias"] = attn.b_O.detach().clone()
+        sd[p + "ln_2.weight"] = torch.ones(d)
+        sd[p + "ln_2.bias"] = torch.zeros(d)
+        m = mlps[i]
+        pad = n_inner - m.n_units
+        sd[p + "mlp.c_fc.weight"] = F.pad(m.W_in, (0, pad))
+        sd[p + "mlp.c_fc.bias"] = F.pad(m.b_in, (0, pad), value=-1.0)  # padding never fires
+        sd[p + "mlp.c_proj.weight"] = F.pad(m.W_out, (0, 0, 0, pad))
+        sd[p + "mlp.c_proj.bias"] = m.b_out.clone()
+    sd["transformer.ln_f.weight"] = model.ln_final.w.detach().clone()
+    sd["transformer.ln_f.bias"] = model.ln_final.b.detach().clone()
+    if float(model.b_U.detach().abs().max()) > 0:
+        raise ArtifactError("compile cannot express an unembedding bias (GPT-2 has none)")
+    sd["lm_head.weight"] = model.W_U.detach().T.clone()
+    net.load_state_dict(sd)
+    return net.requires_grad_(False)
+
+
 @torch.no_grad()
 def compile_acg(
     acg: Any,
@@ -327,20 +369,23 @@ def compile_acg(
     bos_fix: bool = True,
 ) -> CompileResult:
     """Compile a level-1 ``ACGModel`` (every MLP = its transcoder, exact attention) into a
-    ``transformers.GPT2LMHeadModel``. ``calibration`` (token batches starting with BOS) sets
-    the TopK thresholds (when ``thresholds`` is None) and the BOS unit's cut-off. A cleaned
-    ACG's attention bounds compile where they are a key-previous mask (compile_mask.py); any
-    other kind is not expressible and is left out (``info``)."""
-    from transformers import GPT2LMHeadModel
+    ``transformers.GPT2LMHeadModel``, or a ``LlamaForCausalLM`` for RMSNorm + rotary models.
+    ``calibration`` (token batches starting with BOS) sets the TopK thresholds (when
+    ``thresholds`` is None) and the BOS unit's cut-off. A cleaned ACG's attention bounds
+    compile where they are a key-previous mask on GPT-2 (compile_mask.py); any other kind is
+    not expressible and is left out (``info``)."""
 
     if acg.edges or acg.qk:
         raise ConfigError(
             "only a level-1 ACG (all edges, exact attention) compiles to a dense network; "
-            "pruned edges and QK pairs are not expressible as GPT-2 weights"
+            "pruned edges and QK pairs are not expressible as dense weights"
         )
     w = acg.w
     model = w.model
-    _check_gpt2(model)
+    if w.rms:
+        check_llama(model)
+    else:
+        _check_gpt2(model)
     L = acg.layout.n_layers
     if model.cfg.n_layers != L:
         raise ConfigError("compile needs a transcoder for every layer")
@@ -375,41 +420,10 @@ def compile_acg(
         for i in range(L):
             mlps[i], margins[i] = add_bos_unit(mlps[i], w, i, cos[i])
     n_inner = max(m.n_units for m in mlps)
-    cfg = _gpt2_config(model, n_inner)
-    net = GPT2LMHeadModel(cfg).eval()
-    d, H, dh = model.cfg.d_model, model.cfg.n_heads, model.cfg.d_head
-    sd = net.state_dict()
-    sd["transformer.wte.weight"] = w.W_E.clone()
-    sd["transformer.wpe.weight"] = w.W_pos.clone()
-    for i, block in enumerate(model.blocks):
-        p = f"transformer.h.{i}."
-        attn = block.attn
-        sd[p + "ln_1.weight"] = block.ln1.w.clone()
-        sd[p + "ln_1.bias"] = block.ln1.b.clone()
-        qkv = [getattr(attn, f"W_{n}").detach().permute(1, 0, 2).reshape(d, H * dh) for n in "QKV"]
-        sd[p + "attn.c_attn.weight"] = torch.cat(qkv, 1)
-        sd[p + "attn.c_attn.bias"] = torch.cat(
-            [getattr(attn, f"b_{n}").detach().reshape(-1) for n in "QKV"]
-        )
-        sd[p + "attn.c_proj.weight"] = attn.W_O.detach().reshape(H * dh, d).clone()
-        sd[p + "attn.c_proj.bias"] = attn.b_O.detach().clone()
-        sd[p + "ln_2.weight"] = torch.ones(d)
-        sd[p + "ln_2.bias"] = torch.zeros(d)
-        m = mlps[i]
-        pad = n_inner - m.n_units
-        sd[p + "mlp.c_fc.weight"] = F.pad(m.W_in, (0, pad))
-        sd[p + "mlp.c_fc.bias"] = F.pad(m.b_in, (0, pad), value=-1.0)  # padding never fires
-        sd[p + "mlp.c_proj.weight"] = F.pad(m.W_out, (0, 0, 0, pad))
-        sd[p + "mlp.c_proj.bias"] = m.b_out.clone()
-    sd["transformer.ln_f.weight"] = model.ln_final.w.detach().clone()
-    sd["transformer.ln_f.bias"] = model.ln_final.b.detach().clone()
-    if float(model.b_U.detach().abs().max()) > 0:
-        raise ArtifactError("compile cannot express an unembedding bias (GPT-2 has none)")
-    sd["lm_head.weight"] = model.W_U.detach().T.clone()
-    net.load_state_dict(sd)
-    net.requires_grad_(False)
+    net = llama_network(model, mlps, n_inner) if w.rms else _gpt2_network(model, w, mlps, n_inner)
     bounds = w.attention_bounds
-    if bounds is not None and (bounds.kind, bounds.mode) == ("key-previous", "mask"):
+    mask = bounds is not None and (bounds.kind, bounds.mode) == ("key-previous", "mask")
+    if mask and not w.rms:
         if not calibration:
             raise ConfigError("compiling an attention mask needs calibration batches")
         net = compile_key_previous_mask(net, bounds, list(calibration))
@@ -419,7 +433,9 @@ def compile_acg(
     info = {
         "mode": mode,
         "ramp": ramp if mode == "jumprelu" else None,
-        "n_inner": net.config.n_inner,  # wider where a mask compiled
+        "architecture": type(net).__name__,
+        # MLP width: wider where a mask compiled (GPT-2 n_inner, Llama intermediate_size)
+        "n_inner": getattr(net.config, "n_inner", None) or net.config.intermediate_size,
         "units": [
             {
                 "features": m.n_feature_units,
@@ -439,15 +455,15 @@ def compile_acg(
         "original_parameters": sum(p.numel() for p in model.parameters()),
         # GPT-2 attention is softmax(q·k) with nothing after it: a cap on the pattern, or a
         # gate on the token after the key, has no construction there; a key-previous mask does
-        "attention_bounds": _bounds_note(bounds),
+        "attention_bounds": _bounds_note(bounds, w.rms),
     }
     return CompileResult(net, mlps, info, thresholds)
 
 
-def _bounds_note(bounds: Any) -> str | None:
+def _bounds_note(bounds: Any, llama: bool) -> str | None:
     if bounds is None:
         return None
-    if (bounds.kind, bounds.mode) == ("key-previous", "mask"):
+    if (bounds.kind, bounds.mode) == ("key-previous", "mask") and not llama:
         return "compiled (key-previous mask: a flag block in front, compile_mask.py)"
     return "not compiled"
 
