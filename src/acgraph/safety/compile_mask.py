@@ -119,7 +119,6 @@ def compile_key_previous_mask(net: Any, bounds: Any, calibration: list[Tensor]) 
 
     cfg = net.config
     d, H, L, V, N = cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.vocab_size, cfg.n_positions
-    dh = d // H
     pairs, allow = allowed_bigrams(bounds, L, H)
     lay = Layout(d, V, N, L * H, H)
     D, Dh = lay.width, lay.head_dim
@@ -140,17 +139,25 @@ def compile_key_previous_mask(net: Any, bounds: Any, calibration: list[Tensor]) 
     sd["transformer.wte.weight"][torch.arange(V), lay.cur + torch.arange(V)] = R
     sd["transformer.wpe.weight"][:, :d] = _center(old["transformer.wpe.weight"], d)
     sd["transformer.wpe.weight"][torch.arange(N), lay.pos + torch.arange(N)] = R
-    scale = math.sqrt(d / D)
+    _model_blocks(sd, old, lay, L)
+    _mask_scores(sd, lay, _ln1_scales(net, calibration))
+    _copy_heads(sd, lay, R)
+    new.load_state_dict(sd)
+    _flag_mlp(new, sd, lay, pairs, allow, R, calibration)
+    new.load_state_dict(sd)
+    return new.requires_grad_(False)
 
-    # the model's blocks, one later
+
+def _model_blocks(sd: dict, old: dict, lay: Layout, L: int) -> None:
+    """The model's blocks, one later in ``sd``: writes into the first ``d`` dimensions made
+    mean-free, LayerNorm weights scaled for the wider stream, heads padded to the new width."""
+    d, D, H, Dh = lay.d, lay.width, lay.H, lay.head_dim
+    dh, scale = d // H, math.sqrt(d / D)
     for i in range(L):
         o, p = f"transformer.h.{i}.", f"transformer.h.{i + 1}."
         for ln in ("ln_1", "ln_2"):
             sd[p + ln + ".weight"][:d] = old[o + ln + ".weight"] * scale
             sd[p + ln + ".bias"][:d] = old[o + ln + ".bias"]
-        flags = lay.flag + i * H + torch.arange(H)
-        sd[p + "ln_1.weight"][flags] = 1.0
-        sd[p + "ln_1.weight"][lay.zero] = 1.0
         W, b = old[o + "attn.c_attn.weight"], old[o + "attn.c_attn.bias"]
         Wn, bn = sd[p + "attn.c_attn.weight"], sd[p + "attn.c_attn.bias"]
         q_scale = math.sqrt(Dh / dh)  # GPT-2 divides scores by sqrt(head dim)
@@ -159,10 +166,9 @@ def compile_key_previous_mask(net: Any, bounds: Any, calibration: list[Tensor]) 
                 src = slice(part * d + h * dh, part * d + (h + 1) * dh)
                 dst = slice(part * D + h * Dh, part * D + h * Dh + dh)
                 Wn[:d, dst], bn[dst] = W[:, src] * s, b[src] * s
-        Wo = old[o + "attn.c_proj.weight"]
-        for h in range(H):
             rows = slice(h * dh, (h + 1) * dh)
-            sd[p + "attn.c_proj.weight"][h * Dh : h * Dh + dh, :d] = _center(Wo[rows], d)
+            Wo = old[o + "attn.c_proj.weight"][rows]
+            sd[p + "attn.c_proj.weight"][h * Dh : h * Dh + dh, :d] = _center(Wo, d)
         sd[p + "attn.c_proj.bias"][:d] = _center(old[o + "attn.c_proj.bias"], d)
         k = old[o + "mlp.c_fc.weight"].shape[1]
         sd[p + "mlp.c_fc.weight"][:d, :k] = old[o + "mlp.c_fc.weight"]
@@ -170,26 +176,36 @@ def compile_key_previous_mask(net: Any, bounds: Any, calibration: list[Tensor]) 
         sd[p + "mlp.c_fc.bias"][k:] = -1.0  # padding units never fire
         sd[p + "mlp.c_proj.weight"][:k, :d] = _center(old[o + "mlp.c_proj.weight"], d)
         sd[p + "mlp.c_proj.bias"][:d] = _center(old[o + "mlp.c_proj.bias"], d)
-    # the mask: one more query/key dimension per head, a constant query against
-    # -(flag - zero)/σ, large enough to cost PENALTY logits at twice the largest σ seen
-    sigma = _ln1_scales(net, calibration)
-    for i in range(L):
+    sd["transformer.ln_f.weight"][:d] = old["transformer.ln_f.weight"] * scale
+    sd["transformer.ln_f.bias"][:d] = old["transformer.ln_f.bias"]
+    sd["lm_head.weight"][:, :d] = old["lm_head.weight"]
+
+
+def _mask_scores(sd: dict, lay: Layout, sigma: list[float]) -> None:
+    """One more query/key dimension per head of the model's blocks: a constant query against
+    ``-(flag - zero)/σ``, large enough to cost PENALTY logits at twice the largest σ seen."""
+    D, H, Dh, dh = lay.width, lay.H, lay.head_dim, lay.d // lay.H
+    scale = math.sqrt(lay.d / D)
+    for i, s in enumerate(sigma):
         p = f"transformer.h.{i + 1}."
-        strength = PENALTY * 2 * sigma[i] * scale * math.sqrt(Dh) / EPS_FLAG
+        sd[p + "ln_1.weight"][lay.flag + i * H + torch.arange(H)] = 1.0
+        sd[p + "ln_1.weight"][lay.zero] = 1.0
+        strength = PENALTY * 2 * s * scale * math.sqrt(Dh) / EPS_FLAG
         for h in range(H):
             c = h * Dh + dh
             sd[p + "attn.c_attn.bias"][c] = 1.0
             sd[p + "attn.c_attn.weight"][lay.flag + i * H + h, D + c] = -strength
             sd[p + "attn.c_attn.weight"][lay.zero, D + c] = strength
-    sd["transformer.ln_f.weight"][:d] = old["transformer.ln_f.weight"] * scale
-    sd["transformer.ln_f.bias"][:d] = old["transformer.ln_f.bias"]
-    sd["lm_head.weight"][:, :d] = old["lm_head.weight"]
 
-    # the flag block's attention: heads 0 and 1 look at the previous position and copy its
-    # token code (mean-free, scaled down to PREV_HEIGHT) into PREV
+
+def _copy_heads(sd: dict, lay: Layout, R: float) -> None:
+    """The flag block's attention: heads 0 and 1 look at the previous position (the query's
+    position code shifted by one against the keys') and copy its token code, mean-free and
+    scaled down to PREV_HEIGHT, into PREV."""
+    D, Dh, V, N = lay.width, lay.head_dim, lay.V, lay.N
     p = "transformer.h.0."
-    for part in (lay.cur, lay.pos):
-        sd[p + "ln_1.weight"][part : part + (V if part == lay.cur else N)] = 1.0
+    sd[p + "ln_1.weight"][lay.cur : lay.cur + V] = 1.0
+    sd[p + "ln_1.weight"][lay.pos : lay.pos + N] = 1.0
     Wn = sd[p + "attn.c_attn.weight"]
     code = R / math.sqrt(2 * R * R / D)  # a code's height after the block's LayerNorm
     sharp = 4.0 * math.sqrt(Dh) / code  # previous position wins by ~4·code logits
@@ -205,10 +221,6 @@ def compile_key_previous_mask(net: Any, bounds: Any, calibration: list[Tensor]) 
             sd[p + "attn.c_proj.weight"][h * Dh + j, lay.prev : lay.prev + V] = (
                 row * PREV_HEIGHT / code
             )
-    new.load_state_dict(sd)
-    _flag_mlp(new, sd, lay, pairs, allow, R, calibration)
-    new.load_state_dict(sd)
-    return new.requires_grad_(False)
 
 
 def _ln1_scales(net: Any, calibration: list[Tensor]) -> list[float]:
