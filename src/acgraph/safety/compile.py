@@ -350,8 +350,6 @@ def _gpt2_network(model: Any, w: Any, mlps: list[CompiledMLP], n_inner: int) -> 
         sd[p + "mlp.c_proj.bias"] = m.b_out.clone()
     sd["transformer.ln_f.weight"] = model.ln_final.w.detach().clone()
     sd["transformer.ln_f.bias"] = model.ln_final.b.detach().clone()
-    if float(model.b_U.detach().abs().max()) > 0:
-        raise ArtifactError("compile cannot express an unembedding bias (GPT-2 has none)")
     sd["lm_head.weight"] = model.W_U.detach().T.clone()
     net.load_state_dict(sd)
     return net.requires_grad_(False)
@@ -386,6 +384,8 @@ def compile_acg(
         check_llama(model)
     else:
         _check_gpt2(model)
+    if float(model.b_U.detach().abs().max()) > 0:
+        raise ArtifactError("compile cannot express an unembedding bias (GPT-2, Llama have none)")
     L = acg.layout.n_layers
     if model.cfg.n_layers != L:
         raise ConfigError("compile needs a transcoder for every layer")
@@ -422,8 +422,10 @@ def compile_acg(
     n_inner = max(m.n_units for m in mlps)
     net = llama_network(model, mlps, n_inner) if w.rms else _gpt2_network(model, w, mlps, n_inner)
     bounds = w.attention_bounds
+    # the flag block needs learned positions: masks compile on GPT-2 only
     mask = bounds is not None and (bounds.kind, bounds.mode) == ("key-previous", "mask")
-    if mask and not w.rms:
+    mask_compiles = mask and not w.rms
+    if mask_compiles:
         if not calibration:
             raise ConfigError("compiling an attention mask needs calibration batches")
         net = compile_key_previous_mask(net, bounds, list(calibration))
@@ -455,15 +457,15 @@ def compile_acg(
         "original_parameters": sum(p.numel() for p in model.parameters()),
         # GPT-2 attention is softmax(q·k) with nothing after it: a cap on the pattern, or a
         # gate on the token after the key, has no construction there; a key-previous mask does
-        "attention_bounds": _bounds_note(bounds, w.rms),
+        "attention_bounds": _bounds_note(bounds, mask_compiles),
     }
     return CompileResult(net, mlps, info, thresholds)
 
 
-def _bounds_note(bounds: Any, llama: bool) -> str | None:
+def _bounds_note(bounds: Any, compiled: bool) -> str | None:
     if bounds is None:
         return None
-    if (bounds.kind, bounds.mode) == ("key-previous", "mask") and not llama:
+    if compiled:
         return "compiled (key-previous mask: a flag block in front, compile_mask.py)"
     return "not compiled"
 

@@ -32,8 +32,6 @@ def check_llama(model: Any) -> None:
         raise ArtifactError("compile does not support scaled RoPE")
     if float(model.blocks[0].attn.attn_scale) != cfg.d_head**0.5:
         raise ArtifactError("compile needs attention scaled by sqrt(d_head) (Llama)")
-    if float(model.b_U.detach().abs().max()) > 0:
-        raise ArtifactError("compile cannot express an unembedding bias (Llama has none)")
 
 
 def _kv(attn: Any, name: str) -> torch.Tensor:
@@ -103,6 +101,5 @@ def llama_network(model: Any, mlps: list, n_inner: int) -> Any:
         sd[p + "mlp.down_proj.bias"] = m.b_out.clone()
     sd["model.norm.weight"] = model.ln_final.w.detach().clone()
     sd["lm_head.weight"] = model.W_U.detach().T.clone()
-    sd = {k: v for k, v in sd.items() if k in net.state_dict()}  # rotary buffers stay
-    net.load_state_dict(sd, strict=False)
+    net.load_state_dict(sd)
     return net.requires_grad_(False)
