@@ -213,6 +213,20 @@ def test_pair_candidates_restrict_the_pair_statistics_to_a_sub_block(case):
         ranked = rank_pairs(weights, part, layer, 0, 30)
         assert bool(torch.isin(ranked.q, cq).all()) and bool(torch.isin(ranked.k, ck).all())
     assert part.n_pairs == full.n_pairs > 0
+    # the statistic itself, by brute force over causal (t, u): E|ã_j(t) − μ_j| |ã_m(u) − μ_m|
+    layer = weights.layout.n_layers - 1
+    site = weights.layout.head_site(layer)
+    every = torch.arange(weights.layout.space(site).size)
+    total = torch.zeros_like(full.pair_abs[layer], dtype=torch.float64)
+    for toks in batches:
+        trace = acg.run(toks)
+        a = acg.source_columns(trace, site, every) / trace.s1[layer][..., None]
+        a = (a - full.query_mean[layer]).abs().double()
+        T = a.shape[1]
+        causal = torch.ones(T, T).tril().double()
+        causal[0] = 0  # no query at the BOS
+        total += torch.einsum("btj,tu,bum->jm", a, causal, a)
+    assert close(full.pair_abs[layer], total / full.n_pairs) < TOL
 
 
 def test_scale_nodes_come_from_the_graph_residual_not_the_model(case):
@@ -389,11 +403,124 @@ def test_greedy_selection_passes_over_a_redundant_candidate():
     y = 3 * x[:, 0] + 1.0 * x[:, 3] + 0.5
     design = torch.cat([x, torch.ones(500, 1, dtype=torch.float64)], 1)
     a, b = (design.T @ design)[None], (design.T @ y)[None]
-    picked = _greedy(_regularized(a, 0.0), b, 2)
+    picked, drops = _greedy(_regularized(a, 0.0), b, 2)
     assert picked[0, 0].item() in (0, 1) and picked[0, 1].item() == 3
+    # the drops are the squared error each pick removed: 9·|x0|² first, then |x3|² (nearly)
+    assert drops[0, 0] / (9 * x[:, 0].pow(2).sum()) == pytest.approx(1.0, rel=0.05)
+    assert drops[0, 1] / x[:, 3].pow(2).sum() == pytest.approx(1.0, rel=0.05)
     w, bias = _solve_subset(a, b, torch.tensor([[0, 3]]))
     assert torch.allclose(w, torch.tensor([[3.0, 1.0]], dtype=torch.float64))
     assert abs(bias.item() - 0.5) < 1e-9
+
+
+def test_greedy_matches_forward_selection_by_explicit_least_squares():
+    """The incremental (Gram–Schmidt) greedy picks what refitting every candidate set by least
+    squares would, and its drops are the actual falls in squared error."""
+    from acgraph.graph.refit import _greedy
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 12, generator=gen, dtype=torch.float64) + 0.3
+    x[:, 4] = 0.8 * x[:, 2] + 0.2 * x[:, 9]
+    y = x[:, :6] @ torch.randn(6, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(
+        300, generator=gen, dtype=torch.float64
+    )
+    design = torch.cat([x, torch.ones(300, 1, dtype=torch.float64)], 1)
+    picked, drops = _greedy((design.T @ design)[None], (design.T @ y)[None], 6)
+
+    def sse(cols: list[int]) -> float:
+        cols = [*cols, 12]  # the intercept
+        beta = torch.linalg.lstsq(design[:, cols], y[:, None]).solution
+        return float((y - (design[:, cols] @ beta)[:, 0]).pow(2).sum())
+
+    chosen: list[int] = []
+    for step in range(6):
+        before = sse(chosen)
+        after = {j: sse([*chosen, j]) for j in range(12) if j not in chosen}
+        best = min(after, key=after.get)
+        assert picked[0, step].item() == best
+        assert drops[0, step].item() == pytest.approx(before - after[best], rel=1e-6)
+        chosen.append(best)
+
+
+def test_allocate_spends_a_layer_budget_on_the_largest_weighted_drops():
+    from acgraph.graph.refit import _allocate
+
+    drops = torch.tensor(
+        [[9.0, 4.0, 1.0, 0.5], [2.0, 3.0, 0.1, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64
+    )
+    importance = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+    # weighted, made non-increasing: [9 4 1 .5], [4 4 .2 0], [0 0 0 0]; budget 2·3 = 6
+    # goes to 9, 4, 4, 4 and then 1 and .5 (feature 0) before .2; the dead feature keeps one
+    n = _allocate(drops, importance, 2)
+    assert n.tolist() == [4, 2, 1]
+    assert _allocate(drops, importance, 4).tolist() == [4, 4, 4]
+
+
+def test_adaptive_fanin_keeps_the_budget_fits_better_tunes_and_saves(organism_graph, tmp_path):
+    """Adaptive fan-in: k in-edges per feature on average over each layer, spent where the
+    (decoder-weighted) error drops most. On layer 0, whose inputs pruning cannot change, it
+    fits the weighted pre-activations better than k per feature with the same edge count;
+    tuning keeps every unused slot at zero; the counts save and load."""
+    from acgraph.graph.refit import fit_edges
+    from acgraph.graph.tune import tune_formulas
+
+    graph, batches, held = organism_graph
+    fits = {
+        fanin: fit_edges(graph.weights, graph.edges, batches, 3, fanin=fanin, max_fanin=12,
+                         pool=12, progress=False)
+        for fanin in ("fixed", "adaptive")
+    }  # fmt: skip
+    adaptive = fits["adaptive"]
+    for f in adaptive.values():
+        n_feat = f.weight.shape[0]
+        assert f.weight.shape == (n_feat, 12) and f.n_edges.min() >= 1
+        assert 3 * n_feat <= int(f.n_edges.sum()) <= 3 * n_feat + (f.n_edges == 1).sum()
+        assert f.n_edges.max() > 3 and f.n_edges.min() < 3  # budgets really differ
+        assert not f.weight[~f.used()].any() and (f.weight[f.used()] != 0).all()
+    importance = graph.weights.transcoders[0].W_dec.detach().double().pow(2).sum(1)
+    err = {}
+    for fanin, fit in fits.items():
+        graph.fitted[3] = fit
+        runner, truth = graph.model(3, fit=True), graph.model()
+        e = torch.zeros(importance.shape, dtype=torch.float64)
+        for toks in batches:
+            diff = runner.run(toks).pre[0][:, 1:] - truth.run(toks).pre[0][:, 1:]
+            e += diff.double().pow(2).sum((0, 1))
+        err[fanin] = float((e * importance).sum())
+    assert err["adaptive"] < 0.9 * err["fixed"]  # measured 0.77x
+    graph.fitted[3] = adaptive
+    try:
+        assert graph.mean_in_edges(3, "fitted") == pytest.approx(
+            sum(float(f.n_edges.sum()) for f in adaptive.values())
+            / sum(f.weight.shape[0] for f in adaptive.values())
+        )
+        layers, heads, _ = tune_formulas(graph, 3, batches, steps=3, rows=4, progress=False)
+        for i, f in layers.items():
+            assert torch.equal(f.n_edges, adaptive[i].n_edges)
+            assert not f.weight[~f.used()].any()
+            assert not torch.equal(f.weight, adaptive[i].weight)
+        graph.tuned[3] = (layers, heads)
+        graph.meta["tuned"] = {"3": {"pairs": None}}
+        graph.meta["fit_ks"] = [4, 3]
+        graph.save(tmp_path / "acg")
+        loaded = load_acg(
+            tmp_path / "acg", graph.weights.model, dict(enumerate(graph.weights.transcoders))
+        )
+        for i in adaptive:
+            assert torch.equal(loaded.fitted[3][i].n_edges, adaptive[i].n_edges)
+            assert torch.equal(loaded.tuned[3][0][i].n_edges, adaptive[i].n_edges)
+        for tuned in (False, True):
+            a = graph.model(3, fit=not tuned, tuned=tuned)(held[:2])
+            assert torch.equal(a, loaded.model(3, fit=not tuned, tuned=tuned)(held[:2]))
+        report = measure_faithfulness(graph, [held[:2]], ks=(3,), progress=False)
+        rows = {(r["k"], r["fitted"], r["tuned"]): r["in_edges"] for r in report["rows"]}
+        assert rows[(3, False, False)] == 3.0 and rows[("all", False, False)] is None
+        assert rows[(3, True, False)] == pytest.approx(graph.mean_in_edges(3, "fitted"))
+    finally:
+        graph.fitted.pop(3)
+        graph.tuned.clear()
+        graph.meta.pop("tuned", None)
+        graph.meta["fit_ks"] = [4]
 
 
 def test_tuned_formulas_lower_the_kl_and_survive_save_load(organism_graph, tmp_path):

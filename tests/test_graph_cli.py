@@ -67,6 +67,27 @@ def test_tune_cli_adds_tuned_rows(built, tmp_path, capsys):
     ]  # fmt: skip
 
 
+def test_build_with_adaptive_fanin(tmp_path, capsys):
+    argv = [
+        "build", "--model", "organism", "--transcoders", "organism", "--corpus",
+        "organism:poisoned", "--contexts", "4", "--max-k", "16", "--no-qk", "--batch-size", "4",
+        "--fit-k", "4", "--fit-fanin", "adaptive", "--max-fanin", "12", "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert "fitted formulas for k in [4] (adaptive fan-in)" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "manifest.json").read_text())
+    assert meta["fit_fanin"] == "adaptive" and meta["max_fanin"] == 12
+    assert 4.0 <= meta["fit_mean_edges"]["4"] < 4.2
+    argv = ["faithfulness", str(tmp_path), "--contexts", "2", "--k", "4", "--per-domain", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "k in-edges per feature on average over each layer" in out
+    report = json.loads((tmp_path / "reports" / "faithfulness.json").read_text())
+    assert report["fit_fanin"] == "adaptive"
+    fitted = [r["in_edges"] for r in report["rows"] if r["fitted"]]
+    assert fitted == [pytest.approx(meta["fit_mean_edges"]["4"], abs=1e-3)]
+
+
 def test_explain_feature_cli(built, capsys):
     assert main(["explain-feature", str(built), "L1/3", "--k", "4", "--contexts", "2"]) == 0
     out = capsys.readouterr().out
@@ -74,6 +95,11 @@ def test_explain_feature_cli(built, capsys):
     assert main(["explain-feature", str(built), "L0/7", "--json", "--contexts", "0"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["feature"] == "L0/7" and len(info["terms"]) == 8
+
+
+#: `acg build` on the organism up to --transcoders (the value follows)
+_BUILD = ["build", "--model", "organism", "--corpus", "organism", "--out", "{tmp}/x"]
+_BUILD += ["--transcoders"]
 
 
 @pytest.mark.parametrize(
@@ -85,20 +111,12 @@ def test_explain_feature_cli(built, capsys):
         (["faithfulness", "{acg}", "--k", "a,b"], "comma-separated"),
         (["tune", "{acg}", "--k", "4"], "no fitted formulas"),
         (["tune", "{acg}", "--k", "8", "--pairs", "999"], "--pairs must be"),
+        ([*_BUILD, "organism", "--max-fanin", "8"], "--max-fanin needs --fit-fanin adaptive"),
         (
-            [
-                "build",
-                "--model",
-                "organism",
-                "--corpus",
-                "organism",
-                "--transcoders",
-                "{tmp}/none",
-                "--out",
-                "{tmp}/x",
-            ],
-            "no transcoder folder",
-        ),  # fmt: skip
+            [*_BUILD, "organism", "--fit-fanin", "adaptive", "--fit-k", "8", "--max-fanin", "4"],
+            "must be at least every fitted k",
+        ),
+        ([*_BUILD, "{tmp}/none"], "no transcoder folder"),
         (
             ["build", "--model", "organism", "--transcoders", "organism", "--out", "{tmp}/x"],
             "no corpus",

@@ -52,6 +52,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="fitted formulas choose their k edges greedily from the top POOL*k ranked ones, "
         "at most --max-k (4; 1: the top k)",
     )
+    p.add_argument(
+        "--fit-fanin",
+        choices=("fixed", "adaptive"),
+        default="fixed",
+        help="fixed: every feature gets k in-edges; adaptive: k per feature on average over "
+        "each layer, spent where the error drops most (fixed)",
+    )
+    p.add_argument(
+        "--max-fanin",
+        type=int,
+        default=None,
+        help="with --fit-fanin adaptive: most in-edges one feature may get (4*k, at most --max-k)",
+    )
     _common(p)
     p.set_defaults(func=cmd_build)
 
@@ -180,6 +193,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError(f"--fit-k takes comma-separated integers, got {args.fit_k!r}") from None
     fit_ks = [k for k in fit_ks if k <= args.max_k]
+    if args.max_fanin is not None and args.fit_fanin != "adaptive":
+        raise ConfigError("--max-fanin needs --fit-fanin adaptive")
     model = load_model(model_spec)
     transcoders = load_transcoders(tc_spec)
     batches = _batches(model, corpus, args.contexts, args.context_size, args.seed, args.batch_size)
@@ -193,6 +208,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         pair_candidates=args.pair_candidates,
         fit_ks=fit_ks,
         fit_pool=args.fit_pool,
+        fit_fanin=args.fit_fanin,
+        max_fanin=args.max_fanin,
         meta={"model": model_spec, "transcoders": tc_spec, "corpus": corpus, "seed": args.seed},
     )
     sizes = graph.save(out)
@@ -201,7 +218,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         f"built the ACG of {model_spec} ({m['layout']['n_layers']} layers, "
         f"{sum(m['layout']['d_sae'])} features) in {m['build_seconds']} s from "
         f"{m['stats_positions']} positions: {m['max_k']} in-edges per feature, "
-        f"{m['max_pairs']} QK pairs per head, fitted formulas for k in {m['fit_ks']}; "
+        f"{m['max_pairs']} QK pairs per head, fitted formulas for k in {m['fit_ks']}"
+        f"{' (adaptive fan-in)' if m['fit_fanin'] == 'adaptive' else ''}; "
         f"edges {sizes['edges_bytes'] / 1e6:.1f} MB, "
         f"stats {sizes['stats_bytes'] / 1e6:.1f} MB -> {out}"
     )

@@ -8,8 +8,9 @@ workspace's ``acg/`` folder)::
     manifest.json        format version, model and transcoder specs, layout, settings, sizes
     edges.safetensors    per layer ``L{l}.index|weight|mean|importance|total_mean``,
                          per head ``L{l}H{h}.q|k|weight|importance|query_vec|mean_q``
-                         per fitted k ``fit{k}.L{l}.index|weight|bias`` (fitted formulas)
-                         per tuned k ``tune{k}.L{l}.index|weight|bias`` and, when tuned
+                         per fitted k ``fit{k}.L{l}.index|weight|bias`` (fitted formulas;
+                         adaptive fan-in adds ``n_edges``, each feature's used slots)
+                         per tuned k ``tune{k}.L{l}.index|weight|bias[|n_edges]`` and, when tuned
                          with QK pairs, ``tune{k}.L{l}H{h}.weight|query_vec`` (tune.py)
     stats.safetensors    E[G/s], E[|G|/s], E[(G/s)²] per (layer, channel, source)
 """
@@ -31,7 +32,7 @@ from acgraph.io import atomic_save_tensors, atomic_write_json, load_tensors, rea
 from .attention_bounds import AttentionBounds
 from .forward import ACGModel
 from .prune import RankedEdges, RankedPairs, rank_edges, rank_pairs, select_edges, select_pairs
-from .refit import FittedLayer, fit_edges, fitted_layer_edges
+from .refit import FANIN, FittedLayer, fit_edges, fitted_layer_edges
 from .stats import EdgeStats, collect_stats
 from .tune import Tuned, TunedPairs
 from .weights import ModelWeights
@@ -153,6 +154,17 @@ class ACGraph:
                         )
         return ACGModel(self.weights, edges, qk)
 
+    def mean_in_edges(self, k: int | None, formula: str = "pruned") -> float | None:
+        """In-edges per feature of a configuration (None: level 1, every edge); differs
+        from k only for fitted or tuned formulas with adaptive fan-in."""
+        if k is None:
+            return None
+        if formula == "fitted":
+            return _mean_edges(self.fitted[k])
+        if formula == "tuned":
+            return _mean_edges(self.tuned[k][0])
+        return float(k)
+
     # ------------------------------------------------------------------ files
 
     def save(self, folder: str | Path) -> dict[str, int]:
@@ -167,14 +179,14 @@ class ACGraph:
                 for name in ("q", "k", "weight", "importance", "query_vec"):
                     tensors[f"L{layer}H{h}.{name}"] = getattr(p, name)
                 tensors[f"L{layer}H{h}.mean_q"] = p.mean_q.clone()  # shared per layer
-        for k, layers in self.fitted.items():
-            for layer, f in layers.items():
-                for name in ("index", "weight", "bias"):
-                    tensors[f"fit{k}.L{layer}.{name}"] = getattr(f, name)
-        for k, (layers, heads) in self.tuned.items():
-            for layer, f in layers.items():
-                for name in ("index", "weight", "bias"):
-                    tensors[f"tune{k}.L{layer}.{name}"] = getattr(f, name)
+        tuned_layers = {k: layers for k, (layers, _) in self.tuned.items()}
+        for prefix, formulas in (("fit", self.fitted), ("tune", tuned_layers)):
+            for k, layers in formulas.items():
+                for layer, f in layers.items():
+                    for name in ("index", "weight", "bias", "n_edges"):
+                        if getattr(f, name) is not None:
+                            tensors[f"{prefix}{k}.L{layer}.{name}"] = getattr(f, name)
+        for k, (_, heads) in self.tuned.items():
             for layer, hs in heads.items():
                 for h, t in hs.items():
                     tensors[f"tune{k}.L{layer}H{h}.weight"] = t.weight
@@ -202,12 +214,16 @@ def build_acg(
     pair_candidates: int | None = 4096,
     fit_ks: Sequence[int] = (),
     fit_pool: int = 4,
+    fit_fanin: str = "fixed",
+    max_fanin: int | None = None,
     meta: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> ACGraph:
     """Collect statistics on ``batches`` (token tensors starting with BOS), rank edges, and fit
     formulas for every k in ``fit_ks`` (each <= ``max_k``): k edges chosen greedily from the top
-    ``fit_pool``·k ranked ones (at most ``max_k``; 1: the top k), least-squares weights."""
+    ``fit_pool``·k ranked ones (at most ``max_k``; 1: the top k), least-squares weights.
+    ``fit_fanin="adaptive"``: k edges per feature on average over each layer, at most
+    ``max_fanin`` (default 4·k) for one feature (refit.py)."""
     if max_k < 1:
         raise ConfigError(f"max_k must be at least 1, got {max_k}")
     if fit_pool < 1:
@@ -216,6 +232,10 @@ def build_acg(
         raise ConfigError(f"pair_candidates must be at least 1, got {pair_candidates}")
     if any(not 1 <= k <= max_k for k in fit_ks):
         raise ConfigError(f"every fitted k must be in 1..max_k={max_k}, got {list(fit_ks)}")
+    if fit_fanin not in FANIN:
+        raise ConfigError(f"fit_fanin must be one of {FANIN}, got {fit_fanin!r}")
+    if max_fanin is not None and any(not k <= max_fanin for k in fit_ks):
+        raise ConfigError(f"max_fanin ({max_fanin}) must be at least every fitted k {list(fit_ks)}")
     tokenizer = getattr(model, "tokenizer", None)
     bos = getattr(tokenizer, "bos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None)
@@ -241,8 +261,16 @@ def build_acg(
             }
     fitted = {
         k: fit_edges(
-            weights, edges, batches, k, pool=fit_pool * k, pad_token_id=pad, progress=progress
-        )
+            weights,
+            edges,
+            batches,
+            k,
+            pool=fit_pool * k,
+            fanin=fit_fanin,
+            max_fanin=max_fanin,
+            pad_token_id=pad,
+            progress=progress,
+        )  # fmt: skip
         for k in sorted(set(fit_ks))
     }
     info = {
@@ -253,6 +281,9 @@ def build_acg(
         "pair_candidates": pair_candidates,
         "fit_ks": sorted(fitted),
         "fit_pool": fit_pool,
+        "fit_fanin": fit_fanin,
+        "max_fanin": max_fanin,
+        "fit_mean_edges": {str(k): round(_mean_edges(layers), 3) for k, layers in fitted.items()},
         "bos_token_id": bos,
         "stats_positions": stats.n_positions,
         "stats_contexts": sum(int(b.shape[0]) for b in batches),
@@ -264,6 +295,12 @@ def build_acg(
     }
     info.update(meta or {})
     return ACGraph(weights, edges, pairs, stats, info, fitted)
+
+
+def _mean_edges(layers: dict[int, FittedLayer]) -> float:
+    """In-edges per feature over every layer of one set of formulas."""
+    used = sum(float(f.used().sum()) for f in layers.values())
+    return used / sum(f.weight.shape[0] for f in layers.values())
 
 
 def load_acg(folder: str | Path, model: Any, transcoders: dict[int, Any]) -> ACGraph:
@@ -317,6 +354,7 @@ def load_acg(folder: str | Path, model: Any, transcoders: dict[int, Any]) -> ACG
                 t.get(f"fit{k}.L{layer}.index", edges[layer].index[:, : int(k)]),
                 t[f"fit{k}.L{layer}.weight"],
                 t[f"fit{k}.L{layer}.bias"],
+                t.get(f"fit{k}.L{layer}.n_edges"),
             )
             for layer in range(weights.layout.n_layers)
         }
@@ -326,7 +364,10 @@ def load_acg(folder: str | Path, model: Any, transcoders: dict[int, Any]) -> ACG
     for key, info in (meta.get("tuned") or {}).items():
         k, n_layers = int(key), weights.layout.n_layers
         layers = {
-            i: FittedLayer(*(t[f"tune{k}.L{i}.{n}"] for n in ("index", "weight", "bias")))
+            i: FittedLayer(
+                *(t[f"tune{k}.L{i}.{n}"] for n in ("index", "weight", "bias")),
+                t.get(f"tune{k}.L{i}.n_edges"),
+            )
             for i in range(n_layers)
         }
         heads: dict[int, dict[int, TunedPairs]] = {}

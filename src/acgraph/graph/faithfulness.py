@@ -119,6 +119,7 @@ def measure_faithfulness(
         row = {
             "level": cfg[0],
             "k": cfg[1] if cfg[1] is not None else "all",
+            "in_edges": graph.mean_in_edges(cfg[1], cfg[3]),
             "pairs": cfg[2],
             "fitted": cfg[3] == "fitted",
             "tuned": cfg[3] == "tuned",
@@ -140,6 +141,7 @@ def measure_faithfulness(
         "top1_mean_ablation": base.result()["top1_agreement"],
         "confident_fraction": clean.result()["confident_fraction"],
         "fit_pool": graph.meta.get("fit_pool", 1) if graph.fitted else None,
+        "fit_fanin": graph.meta.get("fit_fanin", "fixed") if graph.fitted else None,
         "tuned": graph.meta.get("tuned") or {},
         "rows": rows,
     }
@@ -209,7 +211,11 @@ def format_faithfulness(report: dict[str, Any]) -> str:
     if any(r.get("fitted") for r in report["rows"]):
         pool = report.get("fit_pool")
         chosen = f"chosen greedily from the top {pool}·k ranked" if pool and pool > 1 else "top k"
-        lines.append(f"2f/3f: fitted formulas (k in-edges {chosen}, least-squares weights)")
+        if report.get("fit_fanin") == "adaptive":
+            chosen = "k in-edges per feature on average over each layer, chosen greedily"
+        else:
+            chosen = f"k in-edges {chosen}"
+        lines.append(f"2f/3f: fitted formulas ({chosen}, least-squares weights)")
     if any(r.get("tuned") for r in report["rows"]):
         lines.append(
             "2t/3t: tuned formulas (the fitted edges and QK pairs, weights trained end to end "

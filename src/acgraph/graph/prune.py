@@ -172,9 +172,10 @@ class RankedPairs:
 
 @torch.no_grad()
 def rank_pairs(weights: ModelWeights, stats: EdgeStats, layer: int, head: int, max_pairs: int):
-    """Rank query-key source pairs (among the statistics' candidates) by mean |ã_j(t) W_jm
-    ã_m(u)| over causal (t, u). Rotary models: |W_jm| is the largest the pair weight gets at
-    any offset (:func:`rotary_bound`); ``weight`` holds its value at offset 0."""
+    """Rank query-key source pairs (among the statistics' candidates) by mean |(ã_j(t) − μ_j)
+    W_jm (ã_m(u) − μ_m)| over causal (t, u): what dropping the pair loses (stats.py). Rotary
+    models: |W_jm| is the largest the pair weight gets at any offset (:func:`rotary_bound`);
+    ``weight`` holds its value at offset 0."""
     q, k, q_bias = weights.qk_vectors(layer, head)
     cq, ck = stats.pair_q[layer], stats.pair_k[layer]
     W = q[cq] @ k[ck].T  # [n_q candidates, n_k candidates]

@@ -13,7 +13,16 @@ and much of it is correlated with edges that were kept. Here each feature's form
 - the chosen edges' weights and the bias are refit.
 
 Layers are fitted in order, each on inputs from the already-fitted graph below it, so a layer
-learns to work with the features the pruned graph will actually give it. The result is still
+learns to work with the features the pruned graph will actually give it.
+
+**Adaptive fan-in** (``fanin="adaptive"``): a layer gets k·n_features edges in all, not k per
+feature. Some features are a sum of a few sources, others (a feature of a word class, read
+from every word through the direct path and each head) need many; a fixed k starves the
+second kind and wastes edges on the first. Every feature's greedy selection runs to
+``max_fanin`` edges, recording each step's drop in squared error; the drops, weighted by
+``|W_dec[i]|²`` (how far an error in the feature moves the layer's output), are made
+non-increasing along each feature's sequence, and the layer's budget goes to the largest.
+Each feature keeps the prefix of its greedy order that won (at least one edge). The result is still
 "Z = 3·A + 4·B" over sources of the graph; only the coefficients are effective rather than
 virtual weights.
 """
@@ -26,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from acgraph.errors import ConfigError
 from acgraph.progress import progress_bar
 
 from .forward import ACGModel, LayerEdges
@@ -36,14 +46,30 @@ from .weights import ModelWeights
 _BLOCK = 32_000_000
 
 
+FANIN = ("fixed", "adaptive")
+
+
 @dataclass
 class FittedLayer:
     """One layer's fitted formulas: ``index`` (candidate indices as in
-    :class:`RankedEdges`), ``weight`` [n_features, k] and ``bias`` [n_features]."""
+    :class:`RankedEdges`), ``weight`` [n_features, K] and ``bias`` [n_features].
+    ``n_edges`` [n_features] (adaptive fan-in): feature i uses its first ``n_edges[i]``
+    slots, the rest are zero; None: every slot."""
 
     index: Tensor
     weight: Tensor
     bias: Tensor
+    n_edges: Tensor | None = None
+
+    def used(self) -> Tensor:
+        """[n_features, K] which slots are edges."""
+        slots = torch.arange(self.weight.shape[1])
+        if self.n_edges is None:
+            return torch.ones(self.weight.shape, dtype=torch.bool)
+        return slots[None, :] < self.n_edges[:, None]
+
+    def mean_edges(self) -> float:
+        return float(self.used().sum()) / self.weight.shape[0]
 
 
 def _split(ranked: RankedEdges, idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -102,31 +128,53 @@ def _regularized(xtx: Tensor, ridge: float) -> Tensor:
     return xtx + ridge * scale[:, None, None] * penalty
 
 
-def _greedy(a: Tensor, b: Tensor, k: int) -> Tensor:
+def _greedy(a: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Forward selection on normal equations ``a`` [F, P+1, P+1], ``b`` [F, P+1] (last column:
-    the intercept, always in): the k candidates [F, k] in the order chosen. Each step adds the
-    candidate with the largest drop in squared error, ``c² / d``, where ``c`` is its
-    correlation with the current residual and ``d`` its variance left after projecting out the
-    columns already chosen."""
+    the intercept, always in): the k candidates [F, k] in the order chosen, and each step's
+    drop in squared error [F, k]. Each step adds the candidate with the largest drop,
+    ``c² / d``, where ``c`` is its correlation with the current residual and ``d`` its
+    variance left after projecting out the columns already chosen.
+
+    Gram–Schmidt in the space the normal equations describe: ``u_i`` [F, P] holds every
+    candidate's covariance with the i-th chosen column once the columns before it are
+    projected out (scaled to unit variance), so adding a column updates ``c`` and ``d`` in
+    O(P·s) per feature instead of re-solving an s×s system."""
     F, P1, _ = a.shape
     P = P1 - 1
-    chosen = torch.full((F, 1), P, dtype=torch.long)
-    taken = torch.zeros(F, P, dtype=torch.bool)
-    diag = a.diagonal(dim1=1, dim2=2)[:, :P]
     rows = torch.arange(F)
+    diag = a.diagonal(dim1=1, dim2=2)[:, :P]
+    floor = 1e-12 * diag.mean(1, keepdim=True).clamp(min=1e-30)
+    # the intercept is in from the start
+    n = a[:, P, P].clamp(min=1e-30)[:, None]
+    basis = [a[:, :P, P] / n.sqrt()]
+    c = b[:, :P] - a[:, :P, P] * (b[:, P:P1] / n)
+    d = diag - a[:, :P, P].pow(2) / n
+    taken = torch.zeros(F, P, dtype=torch.bool)
+    picks, drops = [], []
     for _ in range(min(k, P)):
-        a_ss = a[rows[:, None, None], chosen[:, :, None], chosen[:, None, :]]  # [F, s, s]
-        a_cs = torch.gather(a[:, :P, :], 2, chosen[:, None, :].expand(F, P, -1))  # [F, P, s]
-        b_s = torch.gather(b, 1, chosen)
-        sol = torch.linalg.solve(a_ss, torch.cat([b_s[..., None], a_cs.transpose(1, 2)], -1))
-        c = b[:, :P] - (a_cs @ sol[..., :1])[..., 0]
-        d = diag - (a_cs * sol[..., 1:].transpose(1, 2)).sum(-1)
-        gain = c.pow(2) / d.clamp(min=1e-12 * diag.mean(1, keepdim=True).clamp(min=1e-30))
+        gain = c.pow(2) / d.clamp(min=floor)
         gain[taken] = -1.0
-        pick = gain.argmax(1)
+        drop, pick = gain.max(1)
+        picks.append(pick)
+        drops.append(drop.clamp(min=0))
         taken[rows, pick] = True
-        chosen = torch.cat([chosen, pick[:, None]], 1)
-    return chosen[:, 1:]
+        # covariance of every candidate with the new column, the chosen ones projected out
+        e = a[rows, :P, pick] - sum(u * u[rows, pick][:, None] for u in basis)
+        d_p = d[rows, pick].clamp(min=floor[:, 0])[:, None]
+        c = c - e * (c[rows, pick][:, None] / d_p)
+        d = d - e.pow(2) / d_p
+        basis.append(e / d_p.sqrt())
+    return torch.stack(picks, 1), torch.stack(drops, 1)
+
+
+def _allocate(drops: Tensor, importance: Tensor, k: int) -> Tensor:
+    """Edges per feature [F] for a layer budget of k·F: the k·F largest importance-weighted
+    drops win (drops made non-increasing along each feature's greedy order first, so what a
+    feature wins is a prefix of it); every feature keeps at least one edge."""
+    gain = torch.cummin(drops * importance[:, None], 1).values
+    n_feat, cap = gain.shape
+    won = gain.flatten().topk(min(k * n_feat, gain.numel())).indices
+    return torch.bincount(won // cap, minlength=n_feat).clamp(1, cap)
 
 
 def _solve_subset(a: Tensor, b: Tensor, picked: Tensor) -> tuple[Tensor, Tensor]:
@@ -138,6 +186,17 @@ def _solve_subset(a: Tensor, b: Tensor, picked: Tensor) -> tuple[Tensor, Tensor]
     return beta[:, :-1], beta[:, -1]
 
 
+def _solve_prefixes(a: Tensor, b: Tensor, picked: Tensor, n_edges: Tensor) -> tuple[Tensor, Tensor]:
+    """Weights [F, K] (zero beyond each feature's ``n_edges`` prefix of ``picked``) and the
+    intercepts [F]; features with equal counts are solved together."""
+    w = torch.zeros(picked.shape, dtype=a.dtype)
+    bias = torch.zeros(picked.shape[0], dtype=a.dtype)
+    for n in n_edges.unique().tolist():
+        rows = (n_edges == n).nonzero()[:, 0]
+        w[rows, :n], bias[rows] = _solve_subset(a[rows], b[rows], picked[rows, :n])
+    return w, bias
+
+
 @torch.no_grad()
 def fit_edges(
     weights: ModelWeights,
@@ -147,25 +206,42 @@ def fit_edges(
     *,
     pool: int | None = None,
     ridge: float = 1e-3,
+    fanin: str = "fixed",
+    max_fanin: int | None = None,
     pad_token_id: int | None = None,
     progress: bool = True,
 ) -> dict[int, FittedLayer]:
     """Fitted formulas per layer: k edges per feature chosen greedily from its top ``pool``
-    ranked edges (default: k, the top k themselves), with least-squares weights."""
+    ranked edges (default: k, the top k themselves), with least-squares weights. With
+    ``fanin="adaptive"``, k edges per feature on average over each layer, at most
+    ``max_fanin`` (default 4·k) for one feature, chosen from the top max(pool, max_fanin)."""
+    if fanin not in FANIN:
+        raise ConfigError(f"fanin must be one of {FANIN}, got {fanin!r}")
     truth = ACGModel(weights)
     fitted: dict[int, FittedLayer] = {}
     edges: dict[int, LayerEdges] = {}
     layers = range(weights.layout.n_layers)
     for layer in progress_bar(layers, desc=f"acg: fit k={k}", enabled=progress):
         r = ranked[layer]
-        P = min(max(pool or k, k), r.max_k)
+        cap = min(max_fanin or 4 * k, r.max_k) if fanin == "adaptive" else k
+        P = min(max(pool or k, cap), r.max_k)
         below = ACGModel(weights, dict(edges)) if edges else truth
         xtx, xty = _normal_equations(truth, below, r, layer, P, batches, pad_token_id)
         a = _regularized(xtx, ridge)
-        picked = _greedy(a, xty, k) if k < P else torch.arange(k).expand(xtx.shape[0], k)
-        w, b = _solve_subset(a, xty, picked)
+        n_feat = xtx.shape[0]
+        if cap < P or fanin == "adaptive":
+            picked, drops = _greedy(a, xty, cap)
+        else:
+            picked, drops = torch.arange(P).expand(n_feat, P), None
+        n_edges = None
+        if fanin == "adaptive":
+            importance = weights.transcoders[layer].W_dec.detach().double().pow(2).sum(1)
+            n_edges = _allocate(drops, importance, k)
+            w, b = _solve_prefixes(a, xty, picked, n_edges)
+        else:
+            w, b = _solve_subset(a, xty, picked)
         index = torch.gather(r.index[:, :P], 1, picked)
-        fitted[layer] = FittedLayer(index.contiguous(), w.float().contiguous(), b.float())
+        fitted[layer] = FittedLayer(index.contiguous(), w.float().contiguous(), b.float(), n_edges)
         edges[layer] = fitted_layer_edges(weights, r, layer, fitted[layer])
     return fitted
 

@@ -4,9 +4,12 @@ The contribution of edge (source j, channel c) to a feature of layer l at positi
 ``w · G_c(t, j) / s_l(t)``, with ``w`` constant. So mean(w·a) and mean|w·a| of every edge follow
 from two statistics per (target layer, channel, source): E[G/s] and E[|G|/s], over positions
 after the BOS that are not padding. For level 3 the same goes for query-key pairs: E over causal
-(t, u) of |ã_j(t)| |ã_m(u)|, with ã = a/s at the head's site. Where a site has more sources than
-``pair_candidates`` (a real vocabulary), the pair statistics cover only the candidates of each
-side (largest E|ã| times the largest query or key norm over heads), in a second pass.
+(t, u) of |ã_j(t) − μ_j| |ã_m(u) − μ_m|, with ã = a/s at the head's site and μ its mean over
+query positions. Centred, because that is what dropping a pair loses: its query side stays at
+μ_j (prune.select_pairs), and a key-side term equal for every key cancels in the softmax.
+The means come first, so the pair statistics take a second pass; where a site has more
+sources than ``pair_candidates`` (a real vocabulary), they cover only the candidates of each
+side (largest E|ã| times the largest query or key norm over heads).
 """
 
 from __future__ import annotations
@@ -80,14 +83,17 @@ def _batch_slots(layout, site: int, tokens: Tensor) -> Tensor:
     return torch.cat([tokens.unique(), torch.arange(tok.stop, space.size + 1)])
 
 
-def _pair_sums(acg: ACGModel, trace, layer: int, mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
-    """Σ over causal (t, u), t valid, of |ã_j(t)| |ã_m(u)| for query slots ``q`` and key slots
-    ``k`` (u = 0 included: the BOS is a key like any other): a cumulative sum over u, then one
-    product over (batch, t)."""
+def _pair_sums(
+    acg: ACGModel, trace, layer: int, mask: Tensor, q: Tensor, k: Tensor, mean: Tensor
+) -> Tensor:
+    """Σ over causal (t, u), t valid, of |ã_j(t) − μ_j| |ã_m(u) − μ_m| for query slots ``q``
+    and key slots ``k`` (u = 0 included: the BOS is a key like any other), ``mean`` = μ over
+    every source: a cumulative sum over u, then one product over (batch, t)."""
     site = acg.layout.head_site(layer)
     s1 = trace.s1[layer][..., None]
-    a_k = (acg.source_columns(trace, site, k) / s1).abs()
-    a_q = (a_k if q is k else (acg.source_columns(trace, site, q) / s1).abs()) * mask[..., None]
+    a_k = (acg.source_columns(trace, site, k) / s1 - mean[k]).abs()
+    a_q = acg.source_columns(trace, site, q) / s1 - mean[q]
+    a_q = a_q.abs() * mask[..., None]
     seen = a_k.cumsum(1)  # [B, t, m]: Σ_{u <= t}
     return (a_q.flatten(0, 1).T @ seen.flatten(0, 1)).double()
 
@@ -133,8 +139,6 @@ def collect_stats(
     sums.update(pair={}, qmean={})
     n_pos = n_pairs = 0
     batches = list(batches)
-    sizes = [layout.space(layout.head_site(i)).size for i in range(layout.n_layers)]
-    one_pass = pair_candidates is None or max(sizes) <= pair_candidates
     for tokens in progress_bar(batches, desc="acg: edge statistics", enabled=progress):
         trace = acg.run(tokens, until=layout.n_layers - 1)
         tokens = trace.tokens
@@ -161,9 +165,6 @@ def collect_stats(
             sums["qmean"][layer].index_add_(0, slots, a.sum((0, 1)).double())
             sums.setdefault("abs", {}).setdefault(layer, torch.zeros(size, dtype=torch.float64))
             sums["abs"][layer].index_add_(0, slots, a.abs().sum((0, 1)).double())
-            if one_pass:
-                every = torch.arange(size)
-                _accumulate(sums["pair"], layer, _pair_sums(acg, trace, layer, mask, every, every))
             if layer == 0:
                 n_pairs += int((mask * torch.arange(1, mask.shape[1] + 1)).sum())  # (t, u <= t)
     for key, s in sums["mean"].items():
@@ -172,20 +173,21 @@ def collect_stats(
         stats.mean_sq[key] = (sums["mean_sq"][key] / max(n_pos, 1)).float()
     for layer, s in sums["qmean"].items():
         stats.query_mean[layer] = (s / max(n_pos, 1)).float()
-        if one_pass:
+        if pair_candidates is None or len(s) <= pair_candidates:
             stats.pair_q[layer] = stats.pair_k[layer] = torch.arange(len(s))
         else:
             mean_abs = (sums["abs"][layer] / max(n_pos, 1)).float()
             stats.pair_q[layer], stats.pair_k[layer] = _candidates(
                 acg, layer, mean_abs, pair_candidates
             )
-    if qk and not one_pass:
-        for tokens in progress_bar(batches, desc="acg: pair statistics", enabled=progress):
-            trace = acg.run(tokens, until=layout.n_layers - 1)
-            mask = _valid(trace.tokens, pad_token_id)
-            for layer in range(layout.n_layers):
-                pair = _pair_sums(acg, trace, layer, mask, stats.pair_q[layer], stats.pair_k[layer])
-                _accumulate(sums["pair"], layer, pair)
+    for tokens in progress_bar(
+        batches if qk else [], desc="acg: pair statistics", enabled=progress
+    ):
+        trace = acg.run(tokens, until=layout.n_layers - 1)
+        mask = _valid(trace.tokens, pad_token_id)
+        for layer in range(layout.n_layers):
+            q, k, mean = stats.pair_q[layer], stats.pair_k[layer], stats.query_mean[layer]
+            _accumulate(sums["pair"], layer, _pair_sums(acg, trace, layer, mask, q, k, mean))
     for layer, s in sums["pair"].items():
         stats.pair_abs[layer] = (s / max(n_pairs, 1)).float()
     stats.n_positions, stats.n_pairs = n_pos, n_pairs

@@ -84,6 +84,9 @@ class _Formulas:
     def __init__(self, graph, k: int, pairs: int | None):
         fits = graph.fitted[k]
         self.index = {i: f.index for i, f in fits.items()}
+        self.n_edges = {i: f.n_edges for i, f in fits.items()}
+        # adaptive fan-in: a feature's unused slots stay zero (they are not edges)
+        self.used = {i: f.used().to(f.weight.dtype) for i, f in fits.items()}
         self.w = {i: f.weight.clone().requires_grad_(True) for i, f in fits.items()}
         self.b = {i: f.bias.clone().requires_grad_(True) for i, f in fits.items()}
         self.edges, self.fills = {}, {}
@@ -112,7 +115,7 @@ class _Formulas:
     def refresh(self) -> None:
         """Write the current parameters into the graph's edges and pairs (differentiably)."""
         for i, e in self.edges.items():
-            flat = self.w[i].flatten()
+            flat = (self.w[i] * self.used[i]).flatten()
             for ce, fill in zip(e.channels, self.fills[i], strict=True):
                 ce.weight = fill(flat)
             e.bias = self.b[i]
@@ -124,7 +127,10 @@ class _Formulas:
     def result(self) -> Tuned:
         layers = {
             i: FittedLayer(
-                self.index[i].clone(), self.w[i].detach().clone(), self.b[i].detach().clone()
+                self.index[i].clone(),
+                (self.w[i] * self.used[i]).detach(),
+                self.b[i].detach().clone(),
+                None if self.n_edges[i] is None else self.n_edges[i].clone(),
             )
             for i in self.w
         }
