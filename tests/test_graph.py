@@ -571,6 +571,47 @@ def test_tuned_formulas_lower_the_kl_and_survive_save_load(organism_graph, tmp_p
         tune_formulas(graph, 8, batches, steps=1)
 
 
+def test_tuning_keeps_the_step_of_lowest_validation_kl(organism_graph, tmp_path):
+    """With validation contexts, tuning ends at its lowest held-out KL, step 0 included: a
+    learning rate large enough to wreck the formulas returns the fitted ones unchanged, and
+    the choice survives a checkpoint and resume."""
+    from acgraph.graph.tune import tune_formulas
+
+    graph, batches, held = organism_graph
+    kw = dict(pairs=256, lr=1.0, rows=2, progress=False)
+    wrecked, _, _ = tune_formulas(graph, 4, batches[:1], steps=4, **kw)
+    history: list[tuple[int, float]] = []
+    kept, _, _ = tune_formulas(
+        graph, 4, batches[:1], steps=4, validation_batches=[held[:2]], validate_every=2,
+        validation=history, **kw,
+    )  # fmt: skip
+    assert [s for s, _ in history] == [0, 2, 4]
+    assert history[0][1] < min(v for _, v in history[1:])  # lr 1.0 only makes it worse
+    for i, f in kept.items():
+        assert torch.equal(f.weight, graph.fitted[4][i].weight)
+        assert not torch.equal(wrecked[i].weight, f.weight)
+    # a small step that helps is kept, and resuming from a checkpoint keeps the same one
+    kw["lr"] = 1e-3
+    ref: list[tuple[int, float]] = []
+    ref_layers, _, _ = tune_formulas(
+        graph, 4, batches[:1], steps=4, validation_batches=[held[:2]], validate_every=2,
+        validation=ref, **kw,
+    )  # fmt: skip
+    ckpt = tmp_path / "tune.safetensors"
+    part: list[tuple[int, float]] = []
+    args = dict(validation_batches=[held[:2]], validate_every=2, checkpoint=ckpt, **kw)
+    tune_formulas(graph, 4, batches[:1], steps=2, validation=part, **args)
+    layers, _, _ = tune_formulas(
+        graph, 4, batches[:1], steps=4, resume=True, validation=part, **args
+    )
+    assert [s for s, _ in part] == [s for s, _ in ref]
+    assert [v for _, v in part] == pytest.approx([v for _, v in ref], rel=1e-5)
+    best = min(ref, key=lambda sv: sv[1])[0]
+    assert best > 0
+    for i in layers:
+        assert torch.allclose(layers[i].weight, ref_layers[i].weight, atol=1e-6)
+
+
 def test_tuning_resumes_exactly_from_its_checkpoint(organism_graph, tmp_path):
     from acgraph.graph.tune import tune_formulas
 

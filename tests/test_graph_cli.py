@@ -55,9 +55,14 @@ def test_tune_cli_adds_tuned_rows(built, tmp_path, capsys):
     shutil.copytree(built, graph)  # the module's graph stays untuned for the other tests
     argv = ["tune", str(graph), "--k", "8", "--pairs", "64", "--steps", "3", "--contexts", "4"]
     assert main([*argv, "--rows", "2", "--batch-size", "4"]) == 0
-    assert "tuned the k=8 formulas (level 3 with 64 pairs per head)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tuned the k=8 formulas (level 3 with 64 pairs per head)" in out
+    assert "kept step" in out
     meta = json.loads((graph / "manifest.json").read_text())
     assert meta["tuned"]["8"]["pairs"] == 64 and meta["tuned"]["8"]["steps"] == 3
+    validation = meta["tuned"]["8"]["validation"]
+    assert validation["contexts"] == 32 and [s for s, _ in validation["kl"]] == [0, 3]
+    assert validation["kept_step"] == min(validation["kl"], key=lambda sv: sv[1])[0]
     argv = ["faithfulness", str(graph), "--contexts", "2", "--k", "8", "--per-domain", "2"]
     assert main([*argv, "--report", str(tmp_path / "r")]) == 0
     assert "2t/3t: tuned formulas" in capsys.readouterr().out

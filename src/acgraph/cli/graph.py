@@ -85,6 +85,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--contexts", type=int, default=512, help="training contexts (512)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue ACG/checkpoints/tune{k}")
+    p.add_argument(
+        "--validation-contexts",
+        type=int,
+        default=32,
+        help="build-corpus contexts (another seed than training and `acg faithfulness`) whose "
+        "KL picks the step kept, step 0 included; 0: keep the last step (32)",
+    )
+    p.add_argument("--validate-every", type=int, default=50, help="steps between checks (50)")
     _common(p)
     p.set_defaults(func=cmd_tune)
 
@@ -235,6 +243,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     graph, meta, _ = _open(args.acg)
     if args.contexts < 1:
         raise ConfigError(f"--contexts must be at least 1, got {args.contexts}")
+    if args.validation_contexts < 0:
+        n = args.validation_contexts
+        raise ConfigError(f"--validation-contexts must be 0 or more, got {n}")
     if args.pairs is not None and not 1 <= args.pairs <= int(meta.get("max_pairs") or 0):
         raise ConfigError(f"--pairs must be in 1..{meta.get('max_pairs') or 0} (stored per head)")
     # the build's own corpus and seed: tuning is part of building, never the held-out text
@@ -242,12 +253,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     batches = _batches(
         graph.weights.model, meta["corpus"], args.contexts, 128, seed, args.batch_size
     )
+    held = []  # seed + 1 is `acg faithfulness`'s held-out text; validation never touches it
+    if args.validation_contexts:
+        held = _batches(
+            graph.weights.model, meta["corpus"], args.validation_contexts, 128, seed + 2,
+            args.batch_size,
+        )  # fmt: skip
     folder, _ = _acg_folder(args.acg)
     start = time.perf_counter()
+    validation: list[tuple[int, float]] = []
     layers, heads, losses = tune_formulas(
         graph, args.k, batches, pairs=args.pairs, steps=args.steps, lr=args.lr, rows=args.rows,
         checkpoint=folder / "checkpoints" / f"tune{args.k}.safetensors",
         checkpoint_every=args.checkpoint_every, resume=args.resume,
+        validation_batches=held, validate_every=args.validate_every, validation=validation,
     )  # fmt: skip
     graph.tuned[args.k] = (layers, heads)
     tail = losses[-max(1, len(losses) // 20) :]
@@ -261,12 +280,26 @@ def cmd_tune(args: argparse.Namespace) -> int:
         "kl_last_5pct": sum(tail) / len(tail),
         "seconds_this_run": round(time.perf_counter() - start, 1),
     }
+    if validation:
+        info["validation"] = {
+            "contexts": sum(int(b.shape[0]) for b in held),
+            "every": args.validate_every,
+            "kl": [list(sv) for sv in validation],
+            "kept_step": min(validation, key=lambda v: v[1])[0],
+        }
     graph.meta.setdefault("tuned", {})[str(args.k)] = info
     graph.save(folder)
     level = f"level 3 with {args.pairs} pairs per head" if args.pairs else "level 2"
+    kept = ""
+    if validation:
+        (first, kl_first), (best, kl_best) = validation[0], min(validation, key=lambda v: v[1])
+        kept = (
+            f"; kept step {best} (validation KL {kl_first:.4f} at step {first}, {kl_best:.4f} kept)"
+        )
     print(
         f"tuned the k={args.k} formulas ({level}) in {info['seconds_this_run']} s: training KL "
-        f"{info['kl_first']:.4f} -> {info['kl_last_5pct']:.4f} (mean of the last 5%) -> {folder}"
+        f"{info['kl_first']:.4f} -> {info['kl_last_5pct']:.4f} (mean of the last 5%){kept} "
+        f"-> {folder}"
     )
     return 0
 

@@ -14,7 +14,8 @@ the losses in one safetensors file written atomically; ``resume=True`` continues
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,28 @@ def _params(transcoders: dict[int, Any]) -> dict[str, Tensor]:
     }
 
 
-def _save(path: Path, params, opt, gen, losses: list[float]) -> None:
+@dataclass
+class _Kept:
+    """Validation history [(step, KL)] and the parameters at its lowest KL so far."""
+
+    history: list[tuple[int, float]] = field(default_factory=list)
+    params: dict[str, Tensor] = field(default_factory=dict)
+
+    def record(self, step: int, kl: float, params: dict[str, Tensor]) -> None:
+        if not self.history or kl < min(v for _, v in self.history):
+            self.params = {k: p.detach().clone() for k, p in params.items()}
+        self.history.append((step, kl))
+
+    @property
+    def best_step(self) -> int:
+        return min(self.history, key=lambda sv: sv[1])[0]
+
+
+def _save(path: Path, params, opt, gen, losses: list[float], kept: _Kept | None = None) -> None:
     tensors = {f"param.{k}": p.detach() for k, p in params.items()}
+    if kept is not None and kept.params:
+        tensors.update({f"kept.{k}": p for k, p in kept.params.items()})
+        tensors["validation"] = torch.tensor(kept.history, dtype=torch.float64).reshape(-1, 2)
     for k, p in params.items():
         for name, value in opt.state.get(p, {}).items():
             tensors[f"adam.{name}.{k}"] = torch.as_tensor(value)
@@ -67,8 +88,11 @@ def _save(path: Path, params, opt, gen, losses: list[float]) -> None:
     atomic_save_tensors(path, tensors)
 
 
-def _restore(path: Path, params, opt, gen) -> list[float]:
+def _restore(path: Path, params, opt, gen, kept: _Kept | None = None) -> list[float]:
     saved = load_tensors(path)
+    if kept is not None and "validation" in saved:
+        kept.history = [(int(s), float(v)) for s, v in saved["validation"].tolist()]
+        kept.params = {k: saved[f"kept.{k}"] for k in params}
     missing = [k for k in params if f"param.{k}" not in saved]
     if missing:
         raise ArtifactError(f"{path} is not a checkpoint of this run (no {missing[0]})")
@@ -146,26 +170,40 @@ def kl_training(
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 100,
     resume: bool = False,
+    validate: Callable[[], float] | None = None,
+    validate_every: int = 50,
+    validation: list[tuple[int, float]] | None = None,
     desc: str = "train (KL)",
     progress: bool = True,
 ) -> list[float]:
     """Adam on the named leaf tensors ``params`` to minimise KL(model ‖ ``run``) on contexts
     sampled from ``data``, checkpointed to one file every ``checkpoint_every`` steps and at
-    the end (``resume`` continues from it exactly). Returns the KL per step."""
+    the end (``resume`` continues from it exactly). Returns the KL per step.
+
+    ``validate`` (held-out KL of the current parameters) runs before the first step and every
+    ``validate_every`` steps; the run ends with the parameters of its lowest validation KL, so
+    training never returns something worse than it started from (Adam's first steps can undo
+    a good starting point). ``validation`` (a list) receives the (step, KL) history."""
     from acgraph.progress import progress_bar
 
-    if steps < 1 or rows < 1:
-        raise ConfigError(f"steps and rows must be at least 1, got {steps} and {rows}")
+    if steps < 1 or rows < 1 or validate_every < 1:
+        raise ConfigError(
+            f"steps, rows and validate_every must be at least 1, got {steps}, {rows} and "
+            f"{validate_every}"
+        )
     opt = torch.optim.Adam(list(params.values()), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     path = Path(checkpoint) if checkpoint is not None else None
     losses: list[float] = []
+    kept = _Kept() if validate is not None else None
     if path is not None and path.is_file():
         if not resume:
             raise ConfigError(
                 f"{path} already holds a training checkpoint: resume it, or delete it to start over"
             )
-        losses = _restore(path, params, opt, gen)
+        losses = _restore(path, params, opt, gen, kept)
+    if kept is not None and not kept.history:
+        kept.record(len(losses), validate(), params)
     bar = progress_bar(range(len(losses), steps), desc=desc, enabled=progress)
     for step in bar:
         loss = sampled_kl(model, data, rows, gen, run)
@@ -175,8 +213,16 @@ def kl_training(
         losses.append(float(loss.detach()))
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
         done = step + 1
+        if kept is not None and (done == steps or done % validate_every == 0):
+            kept.record(done, validate(), params)
         if path is not None and (
             done == steps or (checkpoint_every and done % checkpoint_every == 0)
         ):
-            _save(path, params, opt, gen, losses)
+            _save(path, params, opt, gen, losses, kept)
+    if kept is not None:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(kept.params[k])
+        if validation is not None:
+            validation[:] = kept.history
     return losses

@@ -6,7 +6,9 @@ one and the logits. Here the kept structure is fixed (each feature's k in-edges 
 fitted formulas and, with ``pairs``, each head's top query-key source pairs) and only their
 weights and biases are trained together so the graph's next-token distribution matches the
 original model's, KL(model ‖ ACG), on a corpus. The graph stays "Z = 3·A + 4·B" over the same
-sources with the same number of edges; only the coefficients change.
+sources with the same number of edges; only the coefficients change. With validation contexts
+the run ends at its lowest held-out KL (checked every ``validate_every`` steps, step 0
+included), so tuning never returns formulas worse than the fitted ones it started from.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from acgraph.dictionaries.finetune import kl_training, token_rows
+from acgraph.dictionaries.finetune import kl_training, token_rows, valid_mask
 from acgraph.errors import ConfigError
 
 from .forward import ACGModel, ChannelEdges, LayerEdges, QKPairs
@@ -155,12 +157,17 @@ def tune_formulas(
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 50,
     resume: bool = False,
+    validation_batches: Sequence[Tensor] = (),
+    validate_every: int = 50,
+    validation: list[tuple[int, float]] | None = None,
     progress: bool = True,
 ) -> tuple[dict[int, FittedLayer], dict[int, dict[int, TunedPairs]], list[float]]:
     """Train the weights of ``graph``'s fitted k-edge formulas (and, with ``pairs``, the kept
     query-key pair weights) end to end on ``batches``. Returns the tuned formulas, the tuned
     pairs (empty without ``pairs``) and the KL per step. ``checkpoint``: a file the run is
-    saved to every ``checkpoint_every`` steps (``resume`` continues from it)."""
+    saved to every ``checkpoint_every`` steps (``resume`` continues from it).
+    ``validation_batches``: held-out token batches; the result is the weights of the lowest
+    KL on them, and ``validation`` (a list) receives the (step, KL) history."""
     if k not in graph.fitted:
         raise ConfigError(
             f"no fitted formulas for k={k} to tune (fitted: {sorted(graph.fitted)}; "
@@ -180,6 +187,20 @@ def tune_formulas(
         formulas.refresh()
         return formulas.acg.run(batch, grad=True).logits
 
+    pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
+
+    @torch.no_grad()
+    def validate() -> float:
+        formulas.refresh()
+        total, count = 0.0, 0
+        for batch in validation_batches:
+            mask = valid_mask(batch, pad)
+            target = model(batch).log_softmax(-1)[mask]
+            logp = formulas.acg.run(batch).logits.log_softmax(-1)[mask]
+            total += float((target.exp() * (target - logp)).sum())
+            count += int(mask.sum())
+        return total / max(count, 1)
+
     # only the formulas learn: the model's and the transcoders' own weights get no gradients
     frozen = [p for m in (model, *graph.weights.transcoders) for p in m.parameters()]
     frozen = [p for p in frozen if p.requires_grad]
@@ -189,6 +210,8 @@ def tune_formulas(
         losses = kl_training(
             model, formulas.parameters(), data, run, steps=steps, lr=lr, rows=rows, seed=seed,
             checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+            validate=validate if len(validation_batches) else None,
+            validate_every=validate_every, validation=validation,
             desc=f"acg: tune k={k}", progress=progress,
         )  # fmt: skip
     finally:
