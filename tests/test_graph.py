@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -548,6 +550,12 @@ def test_tuned_formulas_lower_the_kl_and_survive_save_load(organism_graph, tmp_p
     graph.meta["tuned"] = {"4": {"pairs": 512}}
     try:
         assert graph.tuned_pairs(4) == 512
+        # a head with fewer source pairs than asked keeps all of them: the count is the most
+        # any head kept (it read the first head's once, and ran the rest with too few)
+        short = replace(heads[0][0], weight=heads[0][0].weight[:300])
+        graph.tuned[4] = (layers, {**heads, 0: {**heads[0], 0: short}})
+        assert graph.tuned_pairs(4) == 512
+        graph.tuned[4] = (layers, heads)
         toks = torch.cat(batches)
         assert kl(graph.model(4, 512, tuned=True), toks) < kl(graph.model(4, 512, fit=True), toks)
         with pytest.raises(ConfigError, match="tuned with 512"):

@@ -89,9 +89,10 @@ class ACGraph:
         return min(r.max_k for r in self.edges.values())
 
     def tuned_pairs(self, k: int) -> int | None:
-        """The QK pairs per head the k-edge formulas were tuned with (None: level 2)."""
-        heads = next(iter(self.tuned[k][1].values()), {})
-        return len(next(iter(heads.values())).weight) if heads else None
+        """The QK pairs per head the k-edge formulas were tuned with (None: level 2): the
+        most any head kept, as a head with fewer source pairs than asked keeps them all."""
+        sizes = [len(t.weight) for heads in self.tuned[k][1].values() for t in heads.values()]
+        return max(sizes) if sizes else None
 
     def model(
         self,
