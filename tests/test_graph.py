@@ -422,7 +422,9 @@ def test_greedy_matches_forward_selection_by_explicit_least_squares():
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(300, 12, generator=gen, dtype=torch.float64) + 0.3
-    x[:, 4] = 0.8 * x[:, 2] + 0.2 * x[:, 9]
+    # nearly (not exactly) a mix of two others: an exact one ties with them, and rounding
+    # would decide the pick
+    x[:, 4] = 0.8 * x[:, 2] + 0.2 * x[:, 9] + 0.05 * torch.randn(300, generator=gen).double()
     y = x[:, :6] @ torch.randn(6, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(
         300, generator=gen, dtype=torch.float64
     )
