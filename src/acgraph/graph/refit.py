@@ -68,9 +68,6 @@ class FittedLayer:
             return torch.ones(self.weight.shape, dtype=torch.bool)
         return slots[None, :] < self.n_edges[:, None]
 
-    def mean_edges(self) -> float:
-        return float(self.used().sum()) / self.weight.shape[0]
-
 
 def _split(ranked: RankedEdges, idx: Tensor) -> tuple[Tensor, Tensor]:
     """(channel number, slot) of candidate indices."""
@@ -146,12 +143,14 @@ def _greedy(a: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tensor]:
     floor = 1e-12 * diag.mean(1, keepdim=True).clamp(min=1e-30)
     # the intercept is in from the start
     n = a[:, P, P].clamp(min=1e-30)[:, None]
-    basis = [a[:, :P, P] / n.sqrt()]
+    steps = min(k, P)
+    basis = torch.empty(F, steps + 1, P, dtype=a.dtype)  # row i: u_i; row 0: the intercept's
+    basis[:, 0] = a[:, :P, P] / n.sqrt()
     c = b[:, :P] - a[:, :P, P] * (b[:, P:P1] / n)
     d = diag - a[:, :P, P].pow(2) / n
     taken = torch.zeros(F, P, dtype=torch.bool)
     picks, drops = [], []
-    for _ in range(min(k, P)):
+    for s in range(1, steps + 1):
         gain = c.pow(2) / d.clamp(min=floor)
         gain[taken] = -1.0
         drop, pick = gain.max(1)
@@ -159,11 +158,12 @@ def _greedy(a: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tensor]:
         drops.append(drop.clamp(min=0))
         taken[rows, pick] = True
         # covariance of every candidate with the new column, the chosen ones projected out
-        e = a[rows, :P, pick] - sum(u * u[rows, pick][:, None] for u in basis)
+        u = basis[:, :s]
+        e = a[rows, :P, pick] - (u[rows, :, pick][:, None, :] @ u)[:, 0]
         d_p = d[rows, pick].clamp(min=floor[:, 0])[:, None]
         c = c - e * (c[rows, pick][:, None] / d_p)
         d = d - e.pow(2) / d_p
-        basis.append(e / d_p.sqrt())
+        basis[:, s] = e / d_p.sqrt()
     return torch.stack(picks, 1), torch.stack(drops, 1)
 
 
