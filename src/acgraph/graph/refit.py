@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from acgraph.errors import ConfigError
+from acgraph.linalg import solve_spd
 from acgraph.progress import progress_bar
 
 from .forward import ACGModel, LayerEdges
@@ -182,7 +183,7 @@ def _solve_subset(a: Tensor, b: Tensor, picked: Tensor) -> tuple[Tensor, Tensor]
     F, P1, _ = a.shape
     cols = torch.cat([picked, torch.full((F, 1), P1 - 1, dtype=torch.long)], 1)
     rows = torch.arange(F)[:, None, None]
-    beta = torch.linalg.solve(a[rows, cols[:, :, None], cols[:, None, :]], torch.gather(b, 1, cols))
+    beta = solve_spd(a[rows, cols[:, :, None], cols[:, None, :]], torch.gather(b, 1, cols))
     return beta[:, :-1], beta[:, -1]
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from acgraph.linalg import solve_spd
 from acgraph.progress import progress_bar
 
 from .core import Context, Target
@@ -229,9 +230,7 @@ def _fit_linear(data: Data, subject: Any, layer: int, y: Tensor, k: int):
     yf = y[fit].T.double()[..., None]  # [F, N, 1]
     gram = Xf.transpose(1, 2) @ Xf
     ridge = 1e-4 * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None].clamp_min(1e-8)
-    coef = torch.linalg.solve(
-        gram + ridge * torch.eye(k + 1, dtype=gram.dtype), Xf.transpose(1, 2) @ yf
-    )
+    coef = solve_spd(gram + ridge * torch.eye(k + 1, dtype=gram.dtype), Xf.transpose(1, 2) @ yf)
     coef = coef[..., 0].float()  # [F, k+1]
     pre_fit = (Xf.float() @ coef[..., None])[..., 0].T  # [N_fit, F]
     theta = _best_threshold(pre_fit, y[fit])
