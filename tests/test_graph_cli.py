@@ -82,13 +82,15 @@ def test_build_with_adaptive_fanin(tmp_path, capsys):
     assert "fitted formulas for k in [4] (adaptive fan-in)" in capsys.readouterr().out
     meta = json.loads((tmp_path / "manifest.json").read_text())
     assert meta["fit_fanin"] == "adaptive" and meta["max_fanin"] == 12
-    assert 4.0 <= meta["fit_mean_edges"]["4"] < 4.2
+    assert meta["fit_importance"] == "fisher"
+    assert meta["fit_mean_edges"]["4"] == 4.0
     argv = ["faithfulness", str(tmp_path), "--contexts", "2", "--k", "4", "--per-domain", "2"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "k in-edges per feature on average over each layer" in out
     report = json.loads((tmp_path / "reports" / "faithfulness.json").read_text())
-    assert report["fit_fanin"] == "adaptive"
+    assert report["fit_fanin"] == "adaptive" and report["fit_importance"] == "fisher"
+    assert "errors priced by fisher" in out
     fitted = [r["in_edges"] for r in report["rows"] if r["fitted"]]
     assert fitted == [pytest.approx(meta["fit_mean_edges"]["4"], abs=1e-3)]
 
@@ -117,6 +119,10 @@ _BUILD += ["--transcoders"]
         (["tune", "{acg}", "--k", "4"], "no fitted formulas"),
         (["tune", "{acg}", "--k", "8", "--pairs", "999"], "--pairs must be"),
         ([*_BUILD, "organism", "--max-fanin", "8"], "--max-fanin needs --fit-fanin adaptive"),
+        (
+            [*_BUILD, "organism", "--fit-importance", "decoder"],
+            "--fit-importance needs --fit-fanin adaptive",
+        ),
         (
             [*_BUILD, "organism", "--fit-fanin", "adaptive", "--fit-k", "8", "--max-fanin", "4"],
             "must be at least every fitted k",

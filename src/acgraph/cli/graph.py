@@ -65,6 +65,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="with --fit-fanin adaptive: most in-edges one feature may get (4*k, at most --max-k)",
     )
+    p.add_argument(
+        "--fit-importance",
+        choices=("fisher", "decoder"),
+        default=None,
+        help="with --fit-fanin adaptive: how a feature's errors are priced when the layer's "
+        "edges are shared out: fisher (what they cost the output's KL) or decoder (|W_dec|^2) "
+        "(fisher)",
+    )
     _common(p)
     p.set_defaults(func=cmd_build)
 
@@ -203,6 +211,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     fit_ks = [k for k in fit_ks if k <= args.max_k]
     if args.max_fanin is not None and args.fit_fanin != "adaptive":
         raise ConfigError("--max-fanin needs --fit-fanin adaptive")
+    if args.fit_importance is not None and args.fit_fanin != "adaptive":
+        raise ConfigError("--fit-importance needs --fit-fanin adaptive")
     model = load_model(model_spec)
     transcoders = load_transcoders(tc_spec)
     batches = _batches(model, corpus, args.contexts, args.context_size, args.seed, args.batch_size)
@@ -218,6 +228,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         fit_pool=args.fit_pool,
         fit_fanin=args.fit_fanin,
         max_fanin=args.max_fanin,
+        fit_importance=args.fit_importance or "fisher",
         meta={"model": model_spec, "transcoders": tc_spec, "corpus": corpus, "seed": args.seed},
     )
     sizes = graph.save(out)

@@ -217,6 +217,7 @@ def build_acg(
     fit_pool: int = 4,
     fit_fanin: str = "fixed",
     max_fanin: int | None = None,
+    fit_importance: str = "fisher",
     meta: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> ACGraph:
@@ -224,7 +225,8 @@ def build_acg(
     formulas for every k in ``fit_ks`` (each <= ``max_k``): k edges chosen greedily from the top
     ``fit_pool``·k ranked ones (at most ``max_k``; 1: the top k), least-squares weights.
     ``fit_fanin="adaptive"``: k edges per feature on average over each layer, at most
-    ``max_fanin`` (default 4·k) for one feature (refit.py)."""
+    ``max_fanin`` (default 4·k) for one feature, each feature's errors priced by
+    ``fit_importance`` (refit.py)."""
     if max_k < 1:
         raise ConfigError(f"max_k must be at least 1, got {max_k}")
     if fit_pool < 1:
@@ -269,6 +271,7 @@ def build_acg(
             pool=fit_pool * k,
             fanin=fit_fanin,
             max_fanin=max_fanin,
+            importance=fit_importance,
             pad_token_id=pad,
             progress=progress,
         )  # fmt: skip
@@ -284,6 +287,7 @@ def build_acg(
         "fit_pool": fit_pool,
         "fit_fanin": fit_fanin,
         "max_fanin": max_fanin,
+        "fit_importance": fit_importance if fit_fanin == "adaptive" else None,
         "fit_mean_edges": {str(k): round(_mean_edges(layers), 3) for k, layers in fitted.items()},
         "bos_token_id": bos,
         "stats_positions": stats.n_positions,

@@ -142,6 +142,12 @@ def measure_faithfulness(
         "confident_fraction": clean.result()["confident_fraction"],
         "fit_pool": graph.meta.get("fit_pool", 1) if graph.fitted else None,
         "fit_fanin": graph.meta.get("fit_fanin", "fixed") if graph.fitted else None,
+        # graphs from before the choice existed priced errors by decoder norm
+        "fit_importance": (
+            graph.meta.get("fit_importance", "decoder")
+            if graph.fitted and graph.meta.get("fit_fanin") == "adaptive"
+            else None
+        ),
         "tuned": graph.meta.get("tuned") or {},
         "rows": rows,
     }
@@ -213,6 +219,8 @@ def format_faithfulness(report: dict[str, Any]) -> str:
         chosen = f"chosen greedily from the top {pool}·k ranked" if pool and pool > 1 else "top k"
         if report.get("fit_fanin") == "adaptive":
             chosen = "k in-edges per feature on average over each layer, chosen greedily"
+            if report.get("fit_importance"):
+                chosen += f", errors priced by {report['fit_importance']}"
         else:
             chosen = f"k in-edges {chosen}"
         lines.append(f"2f/3f: fitted formulas ({chosen}, least-squares weights)")

@@ -19,10 +19,11 @@ learns to work with the features the pruned graph will actually give it.
 feature. Some features are a sum of a few sources, others (a feature of a word class, read
 from every word through the direct path and each head) need many; a fixed k starves the
 second kind and wastes edges on the first. Every feature's greedy selection runs to
-``max_fanin`` edges, recording each step's drop in squared error; the drops, weighted by
-``|W_dec[i]|²`` (how far an error in the feature moves the layer's output), are made
-non-increasing along each feature's sequence, and the layer's budget goes to the largest.
-Each feature keeps the prefix of its greedy order that won (at least one edge). The result is still
+``max_fanin`` edges, recording each step's drop in squared error; the drops, weighted by the
+price of an error in the feature (``importance``: its Fisher information, what an error costs
+the output's KL, fisher.py; or ``|W_dec[i]|²``, how far it moves the residual stream), are
+made non-increasing along each feature's sequence, and the layer's budget goes to the largest.
+Each feature keeps its first edge and the prefix of its greedy order that won. The result is still
 "Z = 3·A + 4·B" over sources of the graph; only the coefficients are effective rather than
 virtual weights.
 """
@@ -39,6 +40,7 @@ from acgraph.errors import ConfigError
 from acgraph.linalg import solve_spd
 from acgraph.progress import progress_bar
 
+from .fisher import fisher_importance
 from .forward import ACGModel, LayerEdges
 from .prune import RankedEdges, select_edges
 from .weights import ModelWeights
@@ -48,6 +50,7 @@ _BLOCK = 32_000_000
 
 
 FANIN = ("fixed", "adaptive")
+IMPORTANCE = ("fisher", "decoder")
 
 
 @dataclass
@@ -169,10 +172,11 @@ def _greedy(a: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def _allocate(drops: Tensor, importance: Tensor, k: int) -> Tensor:
-    """Edges per feature [F] for a layer budget of k·F: the k·F largest importance-weighted
-    drops win (drops made non-increasing along each feature's greedy order first, so what a
-    feature wins is a prefix of it); every feature keeps at least one edge."""
+    """Edges per feature [F] for a layer budget of k·F: every feature's first edge, then the
+    largest importance-weighted drops win the rest (drops made non-increasing along each
+    feature's greedy order first, so what a feature wins is a prefix of it)."""
     gain = torch.cummin(drops * importance[:, None], 1).values
+    gain[:, 0] = torch.inf
     n_feat, cap = gain.shape
     won = gain.flatten().topk(min(k * n_feat, gain.numel())).indices
     return torch.bincount(won // cap, minlength=n_feat).clamp(1, cap)
@@ -209,16 +213,23 @@ def fit_edges(
     ridge: float = 1e-3,
     fanin: str = "fixed",
     max_fanin: int | None = None,
+    importance: str = "fisher",
     pad_token_id: int | None = None,
     progress: bool = True,
 ) -> dict[int, FittedLayer]:
     """Fitted formulas per layer: k edges per feature chosen greedily from its top ``pool``
     ranked edges (default: k, the top k themselves), with least-squares weights. With
     ``fanin="adaptive"``, k edges per feature on average over each layer, at most
-    ``max_fanin`` (default 4·k) for one feature, chosen from the top max(pool, max_fanin)."""
+    ``max_fanin`` (default 4·k) for one feature, chosen from the top max(pool, max_fanin),
+    each feature's errors priced by ``importance``."""
     if fanin not in FANIN:
         raise ConfigError(f"fanin must be one of {FANIN}, got {fanin!r}")
+    if importance not in IMPORTANCE:
+        raise ConfigError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
     truth = ACGModel(weights)
+    fisher = None
+    if fanin == "adaptive" and importance == "fisher":
+        fisher = fisher_importance(truth, batches, pad_token_id)
     fitted: dict[int, FittedLayer] = {}
     edges: dict[int, LayerEdges] = {}
     layers = range(weights.layout.n_layers)
@@ -236,8 +247,11 @@ def fit_edges(
             picked, drops = torch.arange(P).expand(n_feat, P), None
         n_edges = None
         if fanin == "adaptive":
-            importance = weights.transcoders[layer].W_dec.detach().double().pow(2).sum(1)
-            n_edges = _allocate(drops, importance, k)
+            if fisher is not None:
+                price = fisher[layer]
+            else:
+                price = weights.transcoders[layer].W_dec.detach().double().pow(2).sum(1)
+            n_edges = _allocate(drops, price, k)
             w, b = _solve_prefixes(a, xty, picked, n_edges)
         else:
             w, b = _solve_subset(a, xty, picked)
