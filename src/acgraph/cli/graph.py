@@ -88,7 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, required=True, help="fitted formulas to tune (their k)")
     p.add_argument("--pairs", type=int, default=None, help="also tune this many QK pairs/head")
     p.add_argument("--steps", type=int, default=500, help="optimizer steps (500)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
+    p.add_argument(
+        "--lr", type=float, default=1e-4, help="Adam learning rate (1e-4: formulas start fitted)"
+    )
     p.add_argument("--rows", type=int, default=16, help="contexts per step (16)")
     p.add_argument("--contexts", type=int, default=512, help="training contexts (512)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")

@@ -151,7 +151,7 @@ def tune_formulas(
     *,
     pairs: int | None = None,
     steps: int = 300,
-    lr: float = 1e-3,
+    lr: float = 1e-4,
     rows: int = 16,
     seed: int = 0,
     checkpoint: str | Path | None = None,
