@@ -32,7 +32,7 @@ from acgraph.io import atomic_save_tensors, atomic_write_json, load_tensors, rea
 from .attention_bounds import AttentionBounds
 from .forward import ACGModel
 from .prune import RankedEdges, RankedPairs, rank_edges, rank_pairs, select_edges, select_pairs
-from .refit import FANIN, FittedLayer, fit_edges, fitted_layer_edges
+from .refit import FANIN, FittedLayer, feature_prices, fit_edges, fitted_layer_edges
 from .stats import EdgeStats, collect_stats
 from .tune import Tuned, TunedPairs
 from .weights import ModelWeights
@@ -262,6 +262,9 @@ def build_acg(
                 h: rank_pairs(weights, stats, layer, h, max_pairs)
                 for h in range(weights.layout.n_heads)
             }
+    prices = fit_importance
+    if fit_fanin == "adaptive" and fit_ks:  # the same for every k
+        prices = feature_prices(weights, batches, fit_importance, pad)
     fitted = {
         k: fit_edges(
             weights,
@@ -271,7 +274,7 @@ def build_acg(
             pool=fit_pool * k,
             fanin=fit_fanin,
             max_fanin=max_fanin,
-            importance=fit_importance,
+            importance=prices,
             pad_token_id=pad,
             progress=progress,
         )  # fmt: skip

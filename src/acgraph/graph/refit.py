@@ -179,7 +179,7 @@ def _allocate(drops: Tensor, importance: Tensor, k: int) -> Tensor:
     gain[:, 0] = torch.inf
     n_feat, cap = gain.shape
     won = gain.flatten().topk(min(k * n_feat, gain.numel())).indices
-    return torch.bincount(won // cap, minlength=n_feat).clamp(1, cap)
+    return torch.bincount(won // cap, minlength=n_feat)
 
 
 def _solve_subset(a: Tensor, b: Tensor, picked: Tensor) -> tuple[Tensor, Tensor]:
@@ -202,6 +202,21 @@ def _solve_prefixes(a: Tensor, b: Tensor, picked: Tensor, n_edges: Tensor) -> tu
     return w, bias
 
 
+def feature_prices(
+    weights: ModelWeights, batches: Sequence[Tensor], importance: str, pad_token_id=None
+) -> dict[int, Tensor]:
+    """Per layer [n_features]: what a unit of squared error in each feature costs
+    (``importance``: "fisher", fisher.py, or "decoder", ``|W_dec[i]|²``)."""
+    if importance not in IMPORTANCE:
+        raise ConfigError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
+    if importance == "fisher":
+        return fisher_importance(ACGModel(weights), batches, pad_token_id)
+    return {
+        layer: tc.W_dec.detach().double().pow(2).sum(1)
+        for layer, tc in enumerate(weights.transcoders)
+    }
+
+
 @torch.no_grad()
 def fit_edges(
     weights: ModelWeights,
@@ -213,7 +228,7 @@ def fit_edges(
     ridge: float = 1e-3,
     fanin: str = "fixed",
     max_fanin: int | None = None,
-    importance: str = "fisher",
+    importance: str | dict[int, Tensor] = "fisher",
     pad_token_id: int | None = None,
     progress: bool = True,
 ) -> dict[int, FittedLayer]:
@@ -221,15 +236,16 @@ def fit_edges(
     ranked edges (default: k, the top k themselves), with least-squares weights. With
     ``fanin="adaptive"``, k edges per feature on average over each layer, at most
     ``max_fanin`` (default 4·k) for one feature, chosen from the top max(pool, max_fanin),
-    each feature's errors priced by ``importance``."""
+    each feature's errors priced by ``importance`` (a name for :func:`feature_prices`, or
+    the prices themselves, so fits for several k compute them once)."""
     if fanin not in FANIN:
         raise ConfigError(f"fanin must be one of {FANIN}, got {fanin!r}")
-    if importance not in IMPORTANCE:
+    if isinstance(importance, str) and importance not in IMPORTANCE:
         raise ConfigError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
+    prices = importance
+    if fanin == "adaptive" and isinstance(importance, str):
+        prices = feature_prices(weights, batches, importance, pad_token_id)
     truth = ACGModel(weights)
-    fisher = None
-    if fanin == "adaptive" and importance == "fisher":
-        fisher = fisher_importance(truth, batches, pad_token_id)
     fitted: dict[int, FittedLayer] = {}
     edges: dict[int, LayerEdges] = {}
     layers = range(weights.layout.n_layers)
@@ -247,11 +263,7 @@ def fit_edges(
             picked, drops = torch.arange(P).expand(n_feat, P), None
         n_edges = None
         if fanin == "adaptive":
-            if fisher is not None:
-                price = fisher[layer]
-            else:
-                price = weights.transcoders[layer].W_dec.detach().double().pow(2).sum(1)
-            n_edges = _allocate(drops, price, k)
+            n_edges = _allocate(drops, prices[layer], k)
             w, b = _solve_prefixes(a, xty, picked, n_edges)
         else:
             w, b = _solve_subset(a, xty, picked)
