@@ -15,6 +15,7 @@ from acgraph.errors import ArtifactError, ConfigError
 from acgraph.graph import (
     ACGModel,
     ModelWeights,
+    Replacement,
     build_acg,
     explain_feature,
     load_acg,
@@ -205,13 +206,16 @@ def test_pair_candidates_restrict_the_pair_statistics_to_a_sub_block(case):
     _, _, weights = case
     acg = ACGModel(weights)
     batches = [tokens(n=3, seed=8), tokens(n=2, seed=9)]
-    full = collect_stats(acg, batches, progress=False, pair_candidates=None)
-    part = collect_stats(acg, batches, progress=False, pair_candidates=10)
+    full = collect_stats(acg, batches, progress=False, pair_candidates=None, pair_importance="abs")
+    part = collect_stats(acg, batches, progress=False, pair_candidates=10, pair_importance="abs")
+    graded = collect_stats(acg, batches, progress=False, pair_candidates=10)
     for layer in range(weights.layout.n_layers):
         cq, ck = part.pair_q[layer], part.pair_k[layer]
         assert len(cq) == len(ck) == 10
         assert close(part.pair_abs[layer], full.pair_abs[layer][cq][:, ck]) < TOL
         assert close(part.query_mean[layer], full.query_mean[layer]) < TOL
+        assert graded.pair_grad[layer].shape == (weights.layout.n_heads, 10, 10)
+        assert bool((graded.pair_q[layer] == cq).all()) and not graded.pair_abs
         ranked = rank_pairs(weights, part, layer, 0, 30)
         assert bool(torch.isin(ranked.q, cq).all()) and bool(torch.isin(ranked.k, ck).all())
     assert part.n_pairs == full.n_pairs > 0
@@ -229,6 +233,60 @@ def test_pair_candidates_restrict_the_pair_statistics_to_a_sub_block(case):
         causal[0] = 0  # no query at the BOS
         total += torch.einsum("btj,tu,bum->jm", a, causal, a)
     assert close(full.pair_abs[layer], total / full.n_pairs) < TOL
+
+
+class _PatternLeaves(Replacement):
+    def __init__(self) -> None:
+        self.leaves: list[torch.Tensor] = []
+
+    def pattern(self, layer, pattern, trace):
+        self.leaves.append(torch.zeros_like(pattern, requires_grad=True))
+        return pattern + self.leaves[-1]  # not a detached copy: later scores read through it
+
+
+@pytest.mark.parametrize("how,p", [("attribution", 1), ("fisher", 2)])
+def test_gradient_weighted_pair_statistics_by_brute_force(case, how, p):
+    """Σ_(t,u) |∂ log p(y)/∂score_h(t, u) · (ã_j(t) − μ_j) (ã_m(u) − μ_m)|^p / n_positions, with
+    the score gradient taken another way: through the pattern, then the softmax's Jacobian
+    p ⊙ (g − Σ_u p g). The labels are drawn as the statistics draw them (seed 0, in order)."""
+    from acgraph.graph.stats import collect_stats
+
+    _, _, weights = case
+    acg = ACGModel(weights)
+    batches = [tokens(n=3, seed=8), tokens(n=2, seed=9)]
+    stats = collect_stats(acg, batches, progress=False, pair_candidates=None, pair_importance=how)
+    assert stats.pair_power == p and not stats.pair_abs
+    gen = torch.Generator().manual_seed(0)
+    layers = range(weights.layout.n_layers)
+    total = {layer: 0.0 for layer in layers}
+    n = 0
+    for toks in batches:
+        leaves = _PatternLeaves()
+        trace = acg.run(toks, replace=leaves, grad=True)
+        logp = torch.log_softmax(trace.logits.double(), -1)
+        labels = torch.multinomial(logp.detach().exp().flatten(0, 1), 1, generator=gen)
+        picked = logp.gather(-1, labels.view(*toks.shape, 1))[:, 1:]
+        grads = torch.autograd.grad(picked.sum(), leaves.leaves)
+        n += picked.numel()
+        for layer in layers:
+            pat, g = trace.pattern[layer].detach().double(), grads[layer].double()
+            dscore = pat * (g - (pat * g).sum(-1, keepdim=True))
+            site = weights.layout.head_site(layer)
+            every = torch.arange(weights.layout.space(site).size)
+            a = acg.source_columns(trace, site, every) / trace.s1[layer][..., None]
+            a = (a.detach() - stats.query_mean[layer]).double().abs().pow(p)
+            q = a.clone()
+            q[:, 0] = 0  # no query at the BOS
+            total[layer] += torch.einsum("btj,bhtu,bum->hjm", q, dscore.abs().pow(p), a)
+    for layer in layers:
+        want = total[layer] / n
+        assert close(stats.pair_grad[layer], want) < TOL
+        assert float(want.abs().max()) > 0
+    ranked = rank_pairs(weights, stats, layers[-1], 1, 5)
+    q, k, _ = weights.qk_vectors(layers[-1], 1)
+    if not weights.rotary:  # the importance: |W|^p · statistic (effect on log p, or cost in KL)
+        price = (q @ k.T).abs().pow(p) * stats.pair_grad[layers[-1]][1]
+        assert close(ranked.importance, price.flatten().topk(5).values) < TOL
 
 
 def test_scale_nodes_come_from_the_graph_residual_not_the_model(case):

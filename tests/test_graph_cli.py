@@ -27,6 +27,7 @@ def test_build_writes_a_versioned_manifest(built):
     assert meta["model"] == "organism" and meta["transcoders"] == "organism"
     assert meta["max_k"] == 8 and meta["max_pairs"] == 256 and meta["fit_ks"] == [8]
     assert meta["layout"]["n_layers"] == 3 and meta["stats_contexts"] == 4
+    assert meta["pair_importance"] == "attribution"
     assert meta["sizes"]["edges_bytes"] == (built / "edges.safetensors").stat().st_size
 
 
@@ -38,7 +39,9 @@ def test_faithfulness_cli_writes_json_and_png(built, tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "level" in out and "CE rec." in out
+    assert "3: QK pairs per head, the top ones by attribution" in out
     report = json.loads((tmp_path / "faithfulness.json").read_text())
+    assert report["pair_importance"] == "attribution"
     assert [(r["level"], r["k"]) for r in report["rows"]] == [
         ("1", "all"), ("2", 1), ("2", 8), ("2", 8), ("3", 1), ("3", 8), ("3", 8), ("3", "all"),
     ]  # fmt: skip
@@ -82,7 +85,7 @@ def test_build_with_adaptive_fanin(tmp_path, capsys):
     assert "fitted formulas for k in [4] (adaptive fan-in)" in capsys.readouterr().out
     meta = json.loads((tmp_path / "manifest.json").read_text())
     assert meta["fit_fanin"] == "adaptive" and meta["max_fanin"] == 12
-    assert meta["fit_importance"] == "fisher"
+    assert meta["fit_importance"] == "fisher" and meta["pair_importance"] is None  # --no-qk
     assert meta["fit_mean_edges"]["4"] == 4.0
     argv = ["faithfulness", str(tmp_path), "--contexts", "2", "--k", "4", "--per-domain", "2"]
     assert main(argv) == 0
@@ -93,6 +96,18 @@ def test_build_with_adaptive_fanin(tmp_path, capsys):
     assert "errors priced by fisher" in out
     fitted = [r["in_edges"] for r in report["rows"] if r["fitted"]]
     assert fitted == [pytest.approx(meta["fit_mean_edges"]["4"], abs=1e-3)]
+
+
+@pytest.mark.parametrize("how", ["abs", "fisher"])
+def test_build_ranks_pairs_another_way_on_request(tmp_path, capsys, how):
+    argv = [
+        "build", "--model", "organism", "--transcoders", "organism", "--corpus",
+        "organism:poisoned", "--contexts", "4", "--max-k", "4", "--max-pairs", "64",
+        "--batch-size", "4", "--fit-k", "", "--pair-importance", how, "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert f"64 QK pairs per head ({how}-ranked)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "manifest.json").read_text())["pair_importance"] == how
 
 
 def test_explain_feature_cli(built, capsys):

@@ -41,6 +41,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sources per side and layer whose QK pairs are ranked (where a site has more)",
     )
     p.add_argument(
+        "--pair-importance",
+        choices=("attribution", "fisher", "abs"),
+        default="attribution",
+        help="how QK pairs are ranked: attribution (mean |gradient x contribution|: what dropping "
+        "one does to the output), fisher (the same squared: its cost in KL) or abs (mean "
+        "|contribution| to the score) (attribution)",
+    )
+    p.add_argument(
         "--fit-k",
         default="8,32,64",
         help="k values to fit least-squares formulas for ('' for none; default 8,32,64)",
@@ -226,6 +234,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         max_pairs=args.max_pairs,
         qk=not args.no_qk,
         pair_candidates=args.pair_candidates,
+        pair_importance=args.pair_importance,
         fit_ks=fit_ks,
         fit_pool=args.fit_pool,
         fit_fanin=args.fit_fanin,
@@ -239,7 +248,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         f"built the ACG of {model_spec} ({m['layout']['n_layers']} layers, "
         f"{sum(m['layout']['d_sae'])} features) in {m['build_seconds']} s from "
         f"{m['stats_positions']} positions: {m['max_k']} in-edges per feature, "
-        f"{m['max_pairs']} QK pairs per head, fitted formulas for k in {m['fit_ks']}"
+        f"{m['max_pairs']} QK pairs per head"
+        f"{' (' + m['pair_importance'] + '-ranked)' if m['max_pairs'] else ''}, "
+        f"fitted formulas for k in {m['fit_ks']}"
         f"{' (adaptive fan-in)' if m['fit_fanin'] == 'adaptive' else ''}; "
         f"edges {sizes['edges_bytes'] / 1e6:.1f} MB, "
         f"stats {sizes['stats_bytes'] / 1e6:.1f} MB -> {out}"

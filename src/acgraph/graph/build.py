@@ -218,6 +218,7 @@ def build_acg(
     fit_fanin: str = "fixed",
     max_fanin: int | None = None,
     fit_importance: str = "fisher",
+    pair_importance: str = "attribution",
     meta: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> ACGraph:
@@ -226,7 +227,7 @@ def build_acg(
     ``fit_pool``·k ranked ones (at most ``max_k``; 1: the top k), least-squares weights.
     ``fit_fanin="adaptive"``: k edges per feature on average over each layer, at most
     ``max_fanin`` (default 4·k) for one feature, each feature's errors priced by
-    ``fit_importance`` (refit.py)."""
+    ``fit_importance`` (refit.py). QK pairs are ranked by ``pair_importance`` (stats.py)."""
     if max_k < 1:
         raise ConfigError(f"max_k must be at least 1, got {max_k}")
     if fit_pool < 1:
@@ -250,6 +251,7 @@ def build_acg(
         pad_token_id=pad,
         qk=qk,
         pair_candidates=pair_candidates,
+        pair_importance=pair_importance,
         progress=progress,
     )
     edges = {
@@ -286,6 +288,7 @@ def build_acg(
         "max_k": max_k,
         "max_pairs": max_pairs if qk else 0,
         "pair_candidates": pair_candidates,
+        "pair_importance": pair_importance if qk else None,
         "fit_ks": sorted(fitted),
         "fit_pool": fit_pool,
         "fit_fanin": fit_fanin,

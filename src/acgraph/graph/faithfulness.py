@@ -148,6 +148,10 @@ def measure_faithfulness(
             if graph.fitted and graph.meta.get("fit_fanin") == "adaptive"
             else None
         ),
+        # graphs from before the choice existed ranked QK pairs by mean |contribution|
+        "pair_importance": (
+            graph.meta.get("pair_importance", "abs") if graph.meta.get("max_pairs") else None
+        ),
         "tuned": graph.meta.get("tuned") or {},
         "rows": rows,
     }
@@ -224,6 +228,16 @@ def format_faithfulness(report: dict[str, Any]) -> str:
         else:
             chosen = f"k in-edges {chosen}"
         lines.append(f"2f/3f: fitted formulas ({chosen}, least-squares weights)")
+    if report.get("pair_importance") and any(r.get("pairs") for r in report["rows"]):
+        how = {
+            "attribution": "mean |gradient x contribution|",
+            "fisher": "mean (gradient x contribution)²",
+            "abs": "mean |contribution|",
+        }
+        lines.append(
+            f"3: QK pairs per head, the top ones by {report['pair_importance']} "
+            f"({how.get(report['pair_importance'], '?')})"
+        )
     if any(r.get("tuned") for r in report["rows"]):
         lines.append(
             "2t/3t: tuned formulas (the fitted edges and QK pairs, weights trained end to end "

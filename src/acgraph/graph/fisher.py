@@ -12,11 +12,16 @@ fires: an error in the pre-activation of a feature that does not fire is cut by 
 activation. Decoder norms, the alternative, see only how far the feature moves the residual
 stream, not whether the output reads that direction: on the organism the last layer's
 answer-digit features write little to the residual stream but decide the answer.
+
+The same sampled gradients, taken at every head's attention scores, price level 3's
+query-key pairs (stats.py): an error in the score of (query t, key u) costs
+``(∂ log p(y)/∂score(t, u))²`` per unit squared.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,16 +31,51 @@ from .forward import ACGModel, Replacement, Trace
 
 
 class _Probe(Replacement):
-    """Adds a zero leaf to every layer's activations, so its gradient is the total
-    derivative of the output with respect to that layer's features."""
+    """Adds a zero leaf to every layer's activations and attention scores, so their gradients
+    are the total derivatives of the output with respect to those nodes."""
 
     def __init__(self) -> None:
-        self.leaves: list[Tensor] = []
+        self.acts_leaves: list[Tensor] = []
+        self.score_leaves: list[Tensor] = []
+
+    def scores(self, layer: int, scores: Tensor, trace: Trace) -> Tensor:
+        leaf = torch.zeros_like(scores, requires_grad=True)
+        self.score_leaves.append(leaf)
+        return scores + leaf
 
     def acts(self, layer: int, acts: Tensor, trace: Trace) -> Tensor:
         leaf = torch.zeros_like(acts, requires_grad=True)
-        self.leaves.append(leaf)
+        self.acts_leaves.append(leaf)
         return acts + leaf
+
+
+@dataclass
+class SampledGradients:
+    """One batch's run and the gradients of ``Σ log p(y)`` over its valid positions, every
+    ``y`` sampled from the graph's own output there."""
+
+    trace: Trace
+    mask: Tensor  # [B, T] bool: positions after the BOS that are not padding
+    acts: list[Tensor]  # per layer [B, T, n_features]
+    scores: list[Tensor]  # per layer [B, H, T, T] (0 on masked-out keys)
+
+
+def sampled_gradients(
+    model: ACGModel, tokens: Tensor, gen: torch.Generator, pad_token_id: int | None = None
+) -> SampledGradients:
+    probe = _Probe()
+    with torch.enable_grad():  # callers fit under no_grad
+        trace = model.run(tokens, replace=probe, grad=True)
+        logp = F.log_softmax(trace.logits.double(), -1)
+        mask = torch.ones_like(trace.tokens, dtype=torch.bool)
+        mask[:, 0] = False
+        if pad_token_id is not None:
+            mask &= trace.tokens != pad_token_id
+        labels = torch.multinomial(logp.detach().exp().flatten(0, 1), 1, generator=gen)
+        picked = logp.gather(-1, labels.view(*mask.shape, 1))[..., 0]
+        grads = torch.autograd.grad(picked[mask].sum(), probe.acts_leaves + probe.score_leaves)
+    n = len(probe.acts_leaves)
+    return SampledGradients(trace, mask, list(grads[:n]), list(grads[n:]))
 
 
 def fisher_importance(
@@ -48,19 +88,9 @@ def fisher_importance(
     total: dict[int, Tensor] = {}
     n = 0
     for tokens in batches:
-        probe = _Probe()
-        with torch.enable_grad():  # callers fit under no_grad
-            trace = model.run(tokens, replace=probe, grad=True)
-            logp = F.log_softmax(trace.logits.double(), -1)
-            mask = torch.ones_like(trace.tokens, dtype=torch.bool)
-            mask[:, 0] = False
-            if pad_token_id is not None:
-                mask &= trace.tokens != pad_token_id
-            labels = torch.multinomial(logp.detach().exp().flatten(0, 1), 1, generator=gen)
-            picked = logp.gather(-1, labels.view(*mask.shape, 1))[..., 0]
-            grads = torch.autograd.grad(picked[mask].sum(), probe.leaves)
-        for layer, (g, acts) in enumerate(zip(grads, trace.acts, strict=True)):
-            fires = (acts.detach() != 0) & mask[..., None]
+        got = sampled_gradients(model, tokens, gen, pad_token_id)
+        for layer, (g, acts) in enumerate(zip(got.acts, got.trace.acts, strict=True)):
+            fires = (acts.detach() != 0) & got.mask[..., None]
             total[layer] = total.get(layer, 0) + (g.double().pow(2) * fires).sum((0, 1))
-        n += int(mask.sum())
+        n += int(got.mask.sum())
     return {layer: t / max(n, 1) for layer, t in total.items()}

@@ -83,6 +83,10 @@ class Replacement:
     and returns the values the rest of the run uses. The default changes nothing.
     """
 
+    def scores(self, layer: int, scores: Tensor, trace: Trace) -> Tensor:
+        """``[B, H, T, T]`` attention scores before the causal mask."""
+        return scores
+
     def pattern(self, layer: int, pattern: Tensor, trace: Trace) -> Tensor:
         return pattern
 
@@ -178,8 +182,8 @@ class ACGModel:
                 if self.w.cfg.positional_embedding_type == "rotary":
                     q, k = attn.apply_rotary(q), attn.apply_rotary(k)
                 scores = attn.calculate_attention_scores(q, k)
-            scores = attn.apply_causal_mask(scores)
             trace.s1.append(s1)
+            scores = attn.apply_causal_mask(replace.scores(layer, scores, trace))
             pattern = F.softmax(scores, dim=-1)
             if w.attention_bounds is not None:
                 pattern = w.attention_bounds.apply(layer, pattern, tokens)
@@ -200,6 +204,8 @@ class ACGModel:
             trace.s2.append(s2)
             pre = self._edge_preacts(trace, layer) if layer in self.edges else tc.pre_acts(h2)
             acts = tc.activation(pre)
+            if torch.is_grad_enabled():  # a ReLU's backward reads its output: no in-place edit
+                acts = acts.clone()
             acts[:, 0] = 0
             acts = replace.acts(layer, acts, trace)
             skip = h2 @ tc.W_skip.T if tc.W_skip is not None else None

@@ -172,15 +172,20 @@ class RankedPairs:
 
 @torch.no_grad()
 def rank_pairs(weights: ModelWeights, stats: EdgeStats, layer: int, head: int, max_pairs: int):
-    """Rank query-key source pairs (among the statistics' candidates) by mean |(ã_j(t) − μ_j)
-    W_jm (ã_m(u) − μ_m)| over causal (t, u): what dropping the pair loses (stats.py). Rotary
-    models: |W_jm| is the largest the pair weight gets at any offset (:func:`rotary_bound`);
-    ``weight`` holds its value at offset 0."""
+    """Rank query-key source pairs (among the statistics' candidates) by what dropping the pair
+    loses (stats.py): with gradient-weighted statistics ``|W_jm|^p Σ |g_h(t, u) (ã_j(t) − μ_j)
+    (ã_m(u) − μ_m)|^p`` (p = 1: its effect on log p(y); p = 2: its cost in KL); otherwise
+    mean |(ã_j(t) − μ_j) W_jm (ã_m(u) − μ_m)| over causal (t, u). Rotary models: |W_jm| is the
+    largest the pair weight gets at any offset (:func:`rotary_bound`); ``weight`` holds its
+    value at offset 0."""
     q, k, q_bias = weights.qk_vectors(layer, head)
     cq, ck = stats.pair_q[layer], stats.pair_k[layer]
     W = q[cq] @ k[ck].T  # [n_q candidates, n_k candidates]
     size = rotary_bound(weights, q[cq], k[ck]) if weights.rotary else W.abs()
-    imp = size * stats.pair_abs[layer].to(W)
+    if stats.pair_power:
+        imp = size.pow(stats.pair_power) * stats.pair_grad[layer][head].to(W)
+    else:
+        imp = size * stats.pair_abs[layer].to(W)
     top = imp.flatten().topk(min(max_pairs, imp.numel()))
     n = W.shape[1]
     mean_q = stats.query_mean[layer].to(W)
