@@ -21,9 +21,11 @@
 # a step for 30 layers on 2 cores; resumes) and every later step uses the fine-tuned set
 # (reports named level1_finetuned_first$N.json):
 #   LAYERS=30 TOKENS=1500000 BUFFER=16384 FINETUNE=300 SPLICE="30 6 12 18 24" bash ...
+# With FANIN=adaptive the fitted formulas get k in-edges per feature on average over each layer,
+# each feature's errors priced by its Fisher information (graph acg${LAYERS}a; about 13 GB of RAM).
 # Environment: LAYERS (6), WIDTH (2048), TOKENS (2600000), CONTEXTS (64), THREADS (2),
 # BUFFER (65536 tokens per hook; 16384 keeps 30 layers near 12 GB of RAM), SPLICE (unset),
-# FINETUNE (unset).
+# FINETUNE (unset), FANIN (fixed).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${1:-/tmp/acg_smollm2}
@@ -79,9 +81,14 @@ if [ -n "${SPLICE:-}" ]; then
 fi
 
 GRAPH=$WORK/acg$LAYERS$TAG
+fanin=()
+if [ "${FANIN:-fixed}" = adaptive ]; then
+    fanin=(--fit-fanin adaptive --fit-importance fisher)
+    GRAPH=${GRAPH}a
+fi
 [ -f "$GRAPH/manifest.json" ] || $ACG build --model smollm2 --transcoders "$TC" \
     --corpus "$WORK/corpus/train" --contexts "$CONTEXTS" --max-k 256 --no-qk \
-    --fit-k 8,32,64 --fit-pool 4 --threads "$THREADS" --out "$GRAPH"
+    --fit-k 8,32,64 --fit-pool 4 --threads "$THREADS" --out "$GRAPH" "${fanin[@]}"
 
 $ACG faithfulness "$GRAPH" --corpus "$WORK/corpus/eval" --contexts 32 \
     --k 1,2,4,8,16,32,64,128,256 --threads "$THREADS" --report "$GRAPH/reports"
