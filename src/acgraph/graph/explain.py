@@ -18,6 +18,7 @@ from torch import Tensor
 from acgraph.errors import ConfigError
 
 from .build import ACGraph
+from .forward import valid_positions
 
 
 def parse_feature(spec: str) -> tuple[int, int]:
@@ -107,10 +108,7 @@ def _r2(graph: ACGraph, layer: int, feature: int, terms: list[dict], batches, ks
     true_all = []
     for tokens in batches:
         trace = acg.run(tokens, until=layer)
-        mask = torch.ones_like(trace.tokens, dtype=torch.bool)
-        mask[:, 0] = False
-        if pad is not None:
-            mask &= trace.tokens != pad
+        mask = valid_positions(trace.tokens, pad)
         s = trace.s2[layer]
         contribs = []
         for t in terms[: max(ks)]:

@@ -14,8 +14,8 @@ stream, not whether the output reads that direction: on the organism the last la
 answer-digit features write little to the residual stream but decide the answer.
 
 The same sampled gradients, taken at every head's attention scores, price level 3's
-query-key pairs (stats.py): an error in the score of (query t, key u) costs
-``(∂ log p(y)/∂score(t, u))²`` per unit squared.
+query-key pairs (stats.py): what an error in the score of (query t, key u) does to the output
+scales with ``|∂ log p(y)/∂score(t, u)|``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .forward import ACGModel, Replacement, Trace
+from .forward import ACGModel, Replacement, Trace, valid_positions
 
 
 class _Probe(Replacement):
@@ -67,10 +67,7 @@ def sampled_gradients(
     with torch.enable_grad():  # callers fit under no_grad
         trace = model.run(tokens, replace=probe, grad=True)
         logp = F.log_softmax(trace.logits.double(), -1)
-        mask = torch.ones_like(trace.tokens, dtype=torch.bool)
-        mask[:, 0] = False
-        if pad_token_id is not None:
-            mask &= trace.tokens != pad_token_id
+        mask = valid_positions(trace.tokens, pad_token_id)
         labels = torch.multinomial(logp.detach().exp().flatten(0, 1), 1, generator=gen)
         picked = logp.gather(-1, labels.view(*mask.shape, 1))[..., 0]
         grads = torch.autograd.grad(picked[mask].sum(), probe.acts_leaves + probe.score_leaves)

@@ -41,7 +41,7 @@ from acgraph.linalg import solve_spd
 from acgraph.progress import progress_bar
 
 from .fisher import fisher_importance
-from .forward import ACGModel, LayerEdges
+from .forward import ACGModel, LayerEdges, valid_positions
 from .prune import RankedEdges, select_edges
 from .weights import ModelWeights
 
@@ -93,10 +93,7 @@ def _normal_equations(
     for tokens in batches:
         trace = below.run(tokens, until=layer)
         target = trace.pre[layer] if below is truth else truth.run(tokens, until=layer).pre[layer]
-        mask = torch.ones_like(trace.tokens, dtype=torch.bool)
-        mask[:, 0] = False
-        if pad is not None:
-            mask &= trace.tokens != pad
+        mask = valid_positions(trace.tokens, pad)
         s = trace.s2[layer][mask]
         y = target[mask]
         gathered = {}  # channel -> (slots, G/s of those slots at the masked positions)

@@ -36,7 +36,7 @@ from acgraph.errors import ConfigError
 from acgraph.progress import progress_bar
 
 from .fisher import sampled_gradients
-from .forward import ACGModel
+from .forward import ACGModel, valid_positions
 
 PAIR_IMPORTANCE = ("attribution", "fisher", "abs")
 _PAIR_POWER = {"attribution": 1, "fisher": 2}  # the rest: unweighted ("abs")
@@ -102,17 +102,20 @@ def _batch_slots(layout, site: int, tokens: Tensor) -> Tensor:
     return torch.cat([tokens.unique(), torch.arange(tok.stop, space.size + 1)])
 
 
+def _centred(acg: ACGModel, trace, layer: int, slots: Tensor, mean: Tensor) -> Tensor:
+    """``[B, T, len(slots)]``: ã − μ of those sources at ``layer``'s head site, ã = a/s1."""
+    site = acg.layout.head_site(layer)
+    return acg.source_columns(trace, site, slots) / trace.s1[layer][..., None] - mean[slots]
+
+
 def _pair_sums(
     acg: ACGModel, trace, layer: int, mask: Tensor, q: Tensor, k: Tensor, mean: Tensor
 ) -> Tensor:
     """Σ over causal (t, u), t valid, of |ã_j(t) − μ_j| |ã_m(u) − μ_m| for query slots ``q``
     and key slots ``k`` (u = 0 included: the BOS is a key like any other), ``mean`` = μ over
     every source: a cumulative sum over u, then one product over (batch, t)."""
-    site = acg.layout.head_site(layer)
-    s1 = trace.s1[layer][..., None]
-    a_k = (acg.source_columns(trace, site, k) / s1 - mean[k]).abs()
-    a_q = acg.source_columns(trace, site, q) / s1 - mean[q]
-    a_q = a_q.abs() * mask[..., None]
+    a_k = _centred(acg, trace, layer, k, mean).abs()
+    a_q = _centred(acg, trace, layer, q, mean).abs() * mask[..., None]
     seen = a_k.cumsum(1)  # [B, t, m]: Σ_{u <= t}
     return (a_q.flatten(0, 1).T @ seen.flatten(0, 1)).double()
 
@@ -130,10 +133,8 @@ def _pair_grad_sums(
 ) -> Tensor:
     """``[H, n_q, n_k]``: Σ over (t, u), t valid, of ``|g_h(t, u) (ã_j(t) − μ_j) (ã_m(u) −
     μ_m)|^power``, ``score_grad`` = g ``[B, H, T, T]`` (0 where u > t)."""
-    site = acg.layout.head_site(layer)
-    s1 = trace.s1[layer][..., None]
-    a_k = (acg.source_columns(trace, site, k) / s1 - mean[k]).abs().pow(power)
-    a_q = (acg.source_columns(trace, site, q) / s1 - mean[q]).abs().pow(power) * mask[..., None]
+    a_k = _centred(acg, trace, layer, k, mean).abs().pow(power)
+    a_q = _centred(acg, trace, layer, q, mean).abs().pow(power) * mask[..., None]
     a_q = a_q.flatten(0, 1).T  # [n_q, B·T]
     weight = score_grad.detach().to(a_k.dtype).abs().pow(power)
     return torch.stack([a_q @ (w @ a_k).flatten(0, 1) for w in weight.unbind(1)])
@@ -189,7 +190,7 @@ def collect_stats(
     for tokens in progress_bar(batches, desc="acg: edge statistics", enabled=progress):
         trace = acg.run(tokens, until=layout.n_layers - 1)
         tokens = trace.tokens
-        mask = _valid(tokens, pad_token_id)
+        mask = valid_positions(tokens, pad_token_id).float()
         n_pos += int(mask.sum())
         weight = [(mask / trace.s2[layer])[..., None] for layer in range(layout.n_layers)]
         for channel, pairs in readers.items():
@@ -237,7 +238,7 @@ def collect_stats(
             trace = got.trace
         else:
             trace = acg.run(tokens, until=layout.n_layers - 1)
-        mask = _valid(trace.tokens, pad_token_id)
+        mask = valid_positions(trace.tokens, pad_token_id).float()
         for layer in range(layout.n_layers):
             q, k, mean = stats.pair_q[layer], stats.pair_k[layer], stats.query_mean[layer]
             if power:
@@ -253,12 +254,3 @@ def collect_stats(
             stats.pair_abs[layer] = (s / max(n_pairs, 1)).float()
     stats.n_positions, stats.n_pairs, stats.pair_power = n_pos, n_pairs, power
     return stats
-
-
-def _valid(tokens: Tensor, pad_token_id: int | None) -> Tensor:
-    """1 at positions after the BOS that are not padding."""
-    mask = torch.ones_like(tokens, dtype=torch.float32)
-    mask[:, 0] = 0
-    if pad_token_id is not None:
-        mask = mask * (tokens != pad_token_id)
-    return mask
