@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from acgraph.data.contexts import valid_positions
 from acgraph.safety import detect
 from acgraph.safety.detect import auroc, fit_detectors, load_detectors, tpr_at_fpr
 from acgraph.safety.detect_eval import (
@@ -153,7 +154,7 @@ def test_attention_detector_flags_triggers_once_trusted_text_covers_the_bigrams(
 
     def score(examples) -> torch.Tensor:
         tokens = encode([e.tokens for e in examples])
-        mask = detect.valid_mask(tokens, 0)
+        mask = valid_positions(tokens, 0)
         return detect.attention_excess(bounds, acg.run(tokens), mask).amax(1)
 
     assert auroc(score(neg), score(pos)) > 0.95
@@ -195,7 +196,7 @@ def test_contributions_sum_to_preactivation(fitted):
     acg = fitted.acg
     tokens = trusted_batches(4, seed=3)[0]
     trace = acg.run(tokens)
-    mask = detect.valid_mask(trace.tokens, 0)
+    mask = valid_positions(trace.tokens, 0)
     for layer in fitted.edge.index:
         a = detect._active_contributions(
             acg, trace, layer, fitted.edge.index[layer], fitted.edge.weight[layer], mask

@@ -140,6 +140,18 @@ def special_token_mask(tokens: torch.Tensor, tokenizer: Any) -> torch.Tensor:
     return torch.isin(tokens, special)
 
 
+def valid_positions(
+    tokens: torch.Tensor, pad_token_id: int | None = None, *, bos: bool = False
+) -> torch.Tensor:
+    """``[B, T]`` bool: the positions a replacement is scored and fitted on. Position 0 (the
+    BOS, a constant of the model) is left out unless ``bos``; padding always is."""
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    mask[:, 0] = bos
+    if pad_token_id is not None:
+        mask &= tokens != pad_token_id
+    return mask
+
+
 def iter_batches(
     tokens: torch.Tensor,
     batch_size: int,

@@ -22,19 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from acgraph.data.contexts import valid_positions
 from acgraph.errors import ArtifactError, ConfigError
 from acgraph.io import atomic_save_tensors, load_tensors
 
 from .metrics import splice_hooks
-
-
-def valid_mask(tokens: Tensor, pad_token_id: int | None) -> Tensor:
-    """Positions the ACG computes: not BOS (position 0), not padding."""
-    mask = torch.ones_like(tokens, dtype=torch.bool)
-    mask[:, 0] = False
-    if pad_token_id is not None:
-        mask &= tokens != pad_token_id
-    return mask
 
 
 def sampled_kl(model: Any, data: Tensor, rows: int, gen: torch.Generator, run: Any) -> Tensor:
@@ -42,7 +34,7 @@ def sampled_kl(model: Any, data: Tensor, rows: int, gen: torch.Generator, run: A
     ``data``; ``run(batch, mask)`` gives the replacement's logits (with autograd)."""
     pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
     batch = data[torch.randint(len(data), (min(rows, len(data)),), generator=gen)]
-    mask = valid_mask(batch, pad)
+    mask = valid_positions(batch, pad)
     with torch.no_grad():
         target = model(batch).log_softmax(-1)[mask]
     logp = run(batch, mask).log_softmax(-1)[mask]

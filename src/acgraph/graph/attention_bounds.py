@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from acgraph.data.contexts import valid_positions
 from acgraph.errors import ArtifactError, ConfigError
 from acgraph.io import atomic_save_tensors, load_tensors
 
@@ -192,8 +193,6 @@ def attention_peaks(
     peaks = PeakAttention(acg.w.cfg.d_vocab, kind)
     for tokens in batches:
         trace = acg.run(tokens)
-        valid = torch.ones_like(trace.tokens, dtype=torch.bool)
-        if pad_token_id is not None:
-            valid &= trace.tokens != pad_token_id
+        valid = valid_positions(trace.tokens, pad_token_id, bos=True)
         peaks.add(trace.pattern, trace.tokens, valid)
     return peaks.bounds(floor, mode)

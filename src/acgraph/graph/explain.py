@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from acgraph.data.contexts import valid_positions
 from acgraph.errors import ConfigError
 
 from .build import ACGraph
-from .forward import valid_positions
 
 
 def parse_feature(spec: str) -> tuple[int, int]:

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .forward import ACGModel, Replacement, Trace, valid_positions
+from acgraph.data.contexts import valid_positions
+
+from .forward import ACGModel, Replacement, Trace
 
 
 class _Probe(Replacement):

@@ -404,13 +404,3 @@ class ACGModel:
             rest = side_q.transpose(0, 1).reshape(T, -1) @ side_k.transpose(0, 1).reshape(T, -1).T
             out.append(score + rest)
         return torch.stack(out)
-
-
-def valid_positions(tokens: Tensor, pad_token_id: int | None = None) -> Tensor:
-    """``[B, T]`` bool: the positions after the BOS that are not padding (what every statistic,
-    fit and price of the graph averages over)."""
-    mask = torch.ones_like(tokens, dtype=torch.bool)
-    mask[:, 0] = False
-    if pad_token_id is not None:
-        mask &= tokens != pad_token_id
-    return mask

@@ -36,12 +36,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from acgraph.data.contexts import valid_positions
 from acgraph.errors import ConfigError
 from acgraph.linalg import solve_spd
 from acgraph.progress import progress_bar
 
 from .fisher import fisher_importance
-from .forward import ACGModel, LayerEdges, valid_positions
+from .forward import ACGModel, LayerEdges
 from .prune import RankedEdges, select_edges
 from .weights import ModelWeights
 

@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from acgraph.data.contexts import valid_positions
 from acgraph.errors import ConfigError
 from acgraph.progress import progress_bar
 
 from .fisher import sampled_gradients
-from .forward import ACGModel, valid_positions
+from .forward import ACGModel
 
 PAIR_IMPORTANCE = ("attribution", "fisher", "abs")
 _PAIR_POWER = {"attribution": 1, "fisher": 2}  # the rest: unweighted ("abs")

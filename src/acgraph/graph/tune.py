@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from acgraph.dictionaries.finetune import kl_training, token_rows, valid_mask
+from acgraph.data.contexts import valid_positions
+from acgraph.dictionaries.finetune import kl_training, token_rows
 from acgraph.errors import ConfigError
 
 from .forward import ACGModel, ChannelEdges, LayerEdges, QKPairs
@@ -194,7 +195,7 @@ def tune_formulas(
         formulas.refresh()
         total, count = 0.0, 0
         for batch in validation_batches:
-            mask = valid_mask(batch, pad)
+            mask = valid_positions(batch, pad)
             target = model(batch).log_softmax(-1)[mask]
             logp = formulas.acg.run(batch).logits.log_softmax(-1)[mask]
             total += float((target.exp() * (target - logp)).sum())

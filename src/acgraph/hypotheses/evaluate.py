@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from acgraph.data.contexts import valid_positions
 from acgraph.dictionaries.metrics import AgreementSums
 from acgraph.graph import ACGModel, ModelWeights
 from acgraph.graph.faithfulness import organism_scores
@@ -60,11 +61,7 @@ class Subject:
 
     def mask(self, tokens: Tensor) -> Tensor:
         """Scored positions ``[B, T]``: after BOS, not padding."""
-        mask = torch.ones_like(tokens, dtype=torch.bool)
-        mask[:, 0] = False
-        if self.pad is not None:
-            mask &= tokens != self.pad
-        return mask
+        return valid_positions(tokens, self.pad)
 
 
 @torch.no_grad()

@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from acgraph.data.contexts import valid_positions
 from acgraph.dictionaries import capped
 from acgraph.dictionaries.capped import CappedActivation
-from acgraph.dictionaries.finetune import valid_mask
 from acgraph.errors import ConfigError
 from acgraph.graph.attention_bounds import KINDS, MODES, attention_peaks
 
@@ -111,7 +111,7 @@ def input_subspaces(
     moments: dict[int, Tensor] = {}
     for tokens in batches:
         trace = acg.run(tokens, keep_resid=True)
-        mask = valid_mask(trace.tokens, pad_token_id)
+        mask = valid_positions(trace.tokens, pad_token_id)
         for layer in range(acg.layout.n_layers):
             x = trace.resid[2 * layer + 1]
             n = (acg.w.center(x) / acg.w.scale(x)[..., None])[mask].double()
@@ -137,7 +137,7 @@ def feature_usage(
     n = 0
     for tokens in batches:
         trace = acg.run(tokens)
-        mask = valid_mask(trace.tokens, pad_token_id)
+        mask = valid_positions(trace.tokens, pad_token_id)
         n += int(mask.sum())
         for layer, acts in enumerate(trace.acts):
             a = acts[mask].double()

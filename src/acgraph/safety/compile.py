@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from acgraph.data.contexts import valid_positions
 from acgraph.dictionaries.metrics import CONFIDENT_P
 from acgraph.errors import ArtifactError, ConfigError
 
@@ -98,10 +99,7 @@ def calibrate_thresholds(acg: Any, batches: Sequence[Tensor], pad_token_id: int 
     fired: dict[int, Tensor] = {}
     for tokens in batches:
         trace = acg.run(tokens)
-        mask = torch.ones_like(tokens, dtype=torch.bool)
-        mask[:, 0] = False  # the BOS position is the pinned bos node
-        if pad_token_id is not None:
-            mask &= tokens != pad_token_id
+        mask = valid_positions(tokens, pad_token_id)  # BOS: the pinned bos node
         for layer, (pre, acts) in enumerate(zip(trace.pre, trace.acts, strict=True)):
             pres.setdefault(layer, []).append(pre[mask])
             c = (acts[mask] > 0).sum(0)
@@ -263,10 +261,7 @@ def bos_cosines(acg: Any, batches: Sequence[Tensor], pad_token_id: int | None = 
     best = [-1.0] * acg.layout.n_layers
     for tokens in batches:
         trace = acg.run(tokens, keep_resid=True)
-        mask = torch.ones_like(tokens, dtype=torch.bool)
-        mask[:, 0] = False
-        if pad_token_id is not None:
-            mask &= tokens != pad_token_id
+        mask = valid_positions(tokens, pad_token_id)
         for layer in range(acg.layout.n_layers):
             n = _normalize(w, trace.resid[2 * layer + 1][mask])
             n0 = _normalize(w, w.bos_resid[2 * layer + 1])
@@ -507,9 +502,7 @@ def agreement(
     for tokens in batches:
         a = reference(tokens).double()
         b = other(tokens).double()
-        mask = torch.ones_like(tokens, dtype=torch.bool)
-        if pad_token_id is not None:
-            mask &= tokens != pad_token_id
+        mask = valid_positions(tokens, pad_token_id, bos=True)
         la, lb = a.log_softmax(-1)[mask], b.log_softmax(-1)[mask]
         match = la.argmax(-1) == lb.argmax(-1)
         same += int(match.sum())

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from acgraph.dictionaries.finetune import valid_mask
+from acgraph.data.contexts import valid_positions
 from acgraph.errors import ArtifactError, ConfigError
 from acgraph.graph import build_acg
 from acgraph.graph.attention_bounds import KINDS, AttentionBounds, attention_peaks
@@ -158,7 +158,7 @@ def fit_edge_detector(
     n_pos = 0
     for tokens in progress_bar(batches, desc="detect: fit", enabled=progress):
         trace = acg.run(tokens)
-        mask = valid_mask(trace.tokens, pad_token_id)
+        mask = valid_positions(trace.tokens, pad_token_id)
         n_pos += int(mask.sum())
         for layer in index:
             a = _active_contributions(acg, trace, layer, index[layer], weight[layer], mask)
@@ -222,7 +222,7 @@ def fit_mahalanobis(
     sums: dict[int, list] = {}
     for tokens in batches:
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-        mask = valid_mask(tokens, pad_token_id)
+        mask = valid_positions(tokens, pad_token_id)
         for name, i in names.items():
             x = cache[name][mask].double()
             s = sums.setdefault(i, [0, 0.0, 0.0])
@@ -273,7 +273,7 @@ class Probe:
 def _pooled(model: Any, tokens: Tensor, pad_token_id: int | None) -> Tensor:
     names = [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)]
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-    mask = valid_mask(tokens, pad_token_id).float()[..., None]
+    mask = valid_positions(tokens, pad_token_id).float()[..., None]
     feats = [(cache[n] * mask).sum(1) / mask.sum(1).clamp(min=1) for n in names]
     return torch.cat(feats, -1)
 
@@ -354,7 +354,7 @@ class Detectors:
         model = self.weights.model
         for start in range(0, tokens.shape[0], batch_size):
             tok = tokens[start : start + batch_size]
-            mask = valid_mask(tok, self.pad_token_id)
+            mask = valid_positions(tok, self.pad_token_id)
             if want & {"acg-edges", "acg-attention", "novelty"}:
                 trace = self.acg.run(tok)
                 if "acg-edges" in want:
@@ -385,7 +385,7 @@ class Detectors:
         """Per input: its most anomalous position, features there, and their most unusual edges
         (label, contribution, excess over the trusted range, trusted range, mean ± std)."""
         trace = self.acg.run(tokens)
-        mask = valid_mask(trace.tokens, self.pad_token_id)
+        mask = valid_positions(trace.tokens, self.pad_token_id)
         inp, pos, kept = self.edge.score_trace(self.acg, trace, mask, keep=True)
         layout = self.weights.layout
         vocab = _token_strings(self.weights.model)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from acgraph.data.contexts import valid_positions
 from acgraph.dictionaries.capped import CappedActivation
 from acgraph.errors import ConfigError
 
@@ -46,10 +47,7 @@ def task_attribution(
     n = 0
     model.requires_grad_(False)
     for tokens in batches:
-        keep = torch.ones_like(tokens, dtype=torch.bool)
-        keep[:, 0] = False
-        if pad is not None:
-            keep &= tokens != pad
+        keep = valid_positions(tokens, pad)
         acts: dict[int, Tensor] = {}
         zs: dict[int, tuple[Tensor, Tensor]] = {}
         hooks = _attribution_hooks(transcoders, keep, acts) + _head_hooks(cfg.n_layers, zs)
