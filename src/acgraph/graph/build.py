@@ -266,7 +266,7 @@ def build_acg(
             }
     prices = fit_importance
     if fit_fanin == "adaptive" and fit_ks:  # the same for every k
-        prices = feature_prices(weights, batches, fit_importance, pad)
+        prices = feature_prices(weights, batches, fit_importance, pad, progress)
     fitted = {
         k: fit_edges(
             weights,

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from acgraph.data.contexts import valid_positions
+from acgraph.progress import progress_bar
 
 from .forward import ACGModel, Replacement, Trace
 
@@ -78,7 +79,11 @@ def sampled_gradients(
 
 
 def fisher_importance(
-    model: ACGModel, batches: Sequence[Tensor], pad_token_id: int | None = None, seed: int = 0
+    model: ACGModel,
+    batches: Sequence[Tensor],
+    pad_token_id: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
 ) -> dict[int, Tensor]:
     """Per layer [n_features] (float64): the sum over positions where feature i fires of
     ``(∂ log p(y)/∂a_i)²``, y sampled from the graph's output at that position, divided by
@@ -86,7 +91,7 @@ def fisher_importance(
     gen = torch.Generator().manual_seed(seed)
     total: dict[int, Tensor] = {}
     n = 0
-    for tokens in batches:
+    for tokens in progress_bar(batches, desc="acg: Fisher prices", enabled=progress):
         got = sampled_gradients(model, tokens, gen, pad_token_id)
         for layer, (g, acts) in enumerate(zip(got.acts, got.trace.acts, strict=True)):
             fires = (acts.detach() != 0) & got.mask[..., None]

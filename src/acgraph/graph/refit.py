@@ -83,10 +83,10 @@ def _split(ranked: RankedEdges, idx: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def _normal_equations(
-    truth: ACGModel, below: ACGModel, ranked: RankedEdges, layer: int, pool: int, batches, pad
+    truth: ACGModel, below: ACGModel, ranked: RankedEdges, layer: int, pool: int, batches, pad, bar
 ) -> tuple[Tensor, Tensor]:
     """X'X [n_features, pool + 1, pool + 1] and X'y over the statistics corpus; the last
-    column of X is the intercept."""
+    column of X is the intercept. ``bar`` advances once per batch."""
     chan, slot = _split(ranked, ranked.index[:, :pool])
     n_feat = chan.shape[0]
     xtx = torch.zeros(n_feat, pool + 1, pool + 1, dtype=torch.float64)
@@ -114,6 +114,7 @@ def _normal_equations(
             x = cols.double().transpose(0, 1)  # [features, n, pool + 1]
             xtx[f] += x.transpose(1, 2) @ x
             xty[f] += (x.transpose(1, 2) @ y[:, f].double().T[..., None])[..., 0]
+        bar.update()
     return xtx, xty
 
 
@@ -201,14 +202,18 @@ def _solve_prefixes(a: Tensor, b: Tensor, picked: Tensor, n_edges: Tensor) -> tu
 
 
 def feature_prices(
-    weights: ModelWeights, batches: Sequence[Tensor], importance: str, pad_token_id=None
+    weights: ModelWeights,
+    batches: Sequence[Tensor],
+    importance: str,
+    pad_token_id=None,
+    progress: bool = False,
 ) -> dict[int, Tensor]:
     """Per layer [n_features]: what a unit of squared error in each feature costs
     (``importance``: "fisher", fisher.py, or "decoder", ``|W_dec[i]|²``)."""
     if importance not in IMPORTANCE:
         raise ConfigError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
     if importance == "fisher":
-        return fisher_importance(ACGModel(weights), batches, pad_token_id)
+        return fisher_importance(ACGModel(weights), batches, pad_token_id, progress=progress)
     return {
         layer: tc.W_dec.detach().double().pow(2).sum(1)
         for layer, tc in enumerate(weights.transcoders)
@@ -242,17 +247,19 @@ def fit_edges(
         raise ConfigError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
     prices = importance
     if fanin == "adaptive" and isinstance(importance, str):
-        prices = feature_prices(weights, batches, importance, pad_token_id)
+        prices = feature_prices(weights, batches, importance, pad_token_id, progress)
     truth = ACGModel(weights)
     fitted: dict[int, FittedLayer] = {}
     edges: dict[int, LayerEdges] = {}
-    layers = range(weights.layout.n_layers)
-    for layer in progress_bar(layers, desc=f"acg: fit k={k}", enabled=progress):
+    n_layers = weights.layout.n_layers
+    # one tick per (layer, batch): the normal equations are most of a layer's time
+    bar = progress_bar(total=n_layers * len(batches), desc=f"acg: fit k={k}", enabled=progress)
+    for layer in range(n_layers):
         r = ranked[layer]
         cap = min(max_fanin or 4 * k, r.max_k) if fanin == "adaptive" else k
         P = min(max(pool or k, cap), r.max_k)
         below = ACGModel(weights, dict(edges)) if edges else truth
-        xtx, xty = _normal_equations(truth, below, r, layer, P, batches, pad_token_id)
+        xtx, xty = _normal_equations(truth, below, r, layer, P, batches, pad_token_id, bar)
         a = _regularized(xtx, ridge)
         n_feat = xtx.shape[0]
         if cap < P or fanin == "adaptive":
@@ -268,6 +275,7 @@ def fit_edges(
         index = torch.gather(r.index[:, :P], 1, picked)
         fitted[layer] = FittedLayer(index.contiguous(), w.float().contiguous(), b.float(), n_edges)
         edges[layer] = fitted_layer_edges(weights, r, layer, fitted[layer])
+    bar.close()
     return fitted
 
 
