@@ -86,6 +86,7 @@ def test_build_with_adaptive_fanin(tmp_path, capsys):
     meta = json.loads((tmp_path / "manifest.json").read_text())
     assert meta["fit_fanin"] == "adaptive" and meta["max_fanin"] == 12
     assert meta["fit_importance"] == "fisher" and meta["pair_importance"] is None  # --no-qk
+    assert meta["fit_loss"] == "squared"
     assert meta["fit_mean_edges"]["4"] == 4.0
     argv = ["faithfulness", str(tmp_path), "--contexts", "2", "--k", "4", "--per-domain", "2"]
     assert main(argv) == 0
@@ -96,6 +97,22 @@ def test_build_with_adaptive_fanin(tmp_path, capsys):
     assert "errors priced by fisher" in out
     fitted = [r["in_edges"] for r in report["rows"] if r["fitted"]]
     assert fitted == [pytest.approx(meta["fit_mean_edges"]["4"], abs=1e-3)]
+
+
+def test_build_fits_censored_formulas_on_request(tmp_path, capsys):
+    argv = [
+        "build", "--model", "organism", "--transcoders", "organism", "--corpus",
+        "organism:poisoned", "--contexts", "4", "--max-k", "8", "--no-qk", "--batch-size", "4",
+        "--fit-k", "4", "--fit-loss", "censored", "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert "fitted formulas for k in [4] (censored)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "manifest.json").read_text())["fit_loss"] == "censored"
+    argv = ["faithfulness", str(tmp_path), "--contexts", "2", "--k", "4", "--per-domain", "2"]
+    assert main(argv) == 0
+    assert "censored least-squares weights" in capsys.readouterr().out
+    report = json.loads((tmp_path / "reports" / "faithfulness.json").read_text())
+    assert report["fit_loss"] == "censored"
 
 
 @pytest.mark.parametrize("how", ["abs", "fisher"])

@@ -81,6 +81,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "edges are shared out: fisher (what they cost the output's KL) or decoder (|W_dec|^2) "
         "(fisher)",
     )
+    p.add_argument(
+        "--fit-loss",
+        choices=("squared", "censored"),
+        default="squared",
+        help="what fitted formulas minimise: squared error of the pre-activation everywhere, or "
+        "censored: where the feature is off, only predictions that would turn it on count "
+        "(squared)",
+    )
     _common(p)
     p.set_defaults(func=cmd_build)
 
@@ -240,6 +248,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         fit_fanin=args.fit_fanin,
         max_fanin=args.max_fanin,
         fit_importance=args.fit_importance or "fisher",
+        fit_loss=args.fit_loss,
         meta={"model": model_spec, "transcoders": tc_spec, "corpus": corpus, "seed": args.seed},
     )
     sizes = graph.save(out)
@@ -251,7 +260,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         f"{m['max_pairs']} QK pairs per head"
         f"{' (' + m['pair_importance'] + '-ranked)' if m['max_pairs'] else ''}, "
         f"fitted formulas for k in {m['fit_ks']}"
-        f"{' (adaptive fan-in)' if m['fit_fanin'] == 'adaptive' else ''}; "
+        f"{' (adaptive fan-in)' if m['fit_fanin'] == 'adaptive' else ''}"
+        f"{' (censored)' if m['fit_loss'] == 'censored' else ''}; "
         f"edges {sizes['edges_bytes'] / 1e6:.1f} MB, "
         f"stats {sizes['stats_bytes'] / 1e6:.1f} MB -> {out}"
     )

@@ -32,7 +32,7 @@ from acgraph.io import atomic_save_tensors, atomic_write_json, load_tensors, rea
 from .attention_bounds import AttentionBounds
 from .forward import ACGModel
 from .prune import RankedEdges, RankedPairs, rank_edges, rank_pairs, select_edges, select_pairs
-from .refit import FANIN, FittedLayer, feature_prices, fit_edges, fitted_layer_edges
+from .refit import FANIN, LOSSES, FittedLayer, feature_prices, fit_edges, fitted_layer_edges
 from .stats import EdgeStats, collect_stats
 from .tune import Tuned, TunedPairs
 from .weights import ModelWeights
@@ -218,6 +218,7 @@ def build_acg(
     fit_fanin: str = "fixed",
     max_fanin: int | None = None,
     fit_importance: str = "fisher",
+    fit_loss: str = "squared",
     pair_importance: str = "attribution",
     meta: dict[str, Any] | None = None,
     progress: bool = True,
@@ -227,7 +228,8 @@ def build_acg(
     ``fit_pool``·k ranked ones (at most ``max_k``; 1: the top k), least-squares weights.
     ``fit_fanin="adaptive"``: k edges per feature on average over each layer, at most
     ``max_fanin`` (default 4·k) for one feature, each feature's errors priced by
-    ``fit_importance`` (refit.py). QK pairs are ranked by ``pair_importance`` (stats.py)."""
+    ``fit_importance`` (refit.py); ``fit_loss="censored"``: errors where a feature is off
+    count only when they would turn it on. QK pairs are ranked by ``pair_importance`` (stats.py)."""
     if max_k < 1:
         raise ConfigError(f"max_k must be at least 1, got {max_k}")
     if fit_pool < 1:
@@ -238,6 +240,8 @@ def build_acg(
         raise ConfigError(f"every fitted k must be in 1..max_k={max_k}, got {list(fit_ks)}")
     if fit_fanin not in FANIN:
         raise ConfigError(f"fit_fanin must be one of {FANIN}, got {fit_fanin!r}")
+    if fit_loss not in LOSSES:
+        raise ConfigError(f"fit_loss must be one of {LOSSES}, got {fit_loss!r}")
     if max_fanin is not None and any(not k <= max_fanin for k in fit_ks):
         raise ConfigError(f"max_fanin ({max_fanin}) must be at least every fitted k {list(fit_ks)}")
     tokenizer = getattr(model, "tokenizer", None)
@@ -277,6 +281,7 @@ def build_acg(
             fanin=fit_fanin,
             max_fanin=max_fanin,
             importance=prices,
+            loss=fit_loss,
             pad_token_id=pad,
             progress=progress,
         )  # fmt: skip
@@ -294,6 +299,7 @@ def build_acg(
         "fit_fanin": fit_fanin,
         "max_fanin": max_fanin,
         "fit_importance": fit_importance if fit_fanin == "adaptive" else None,
+        "fit_loss": fit_loss,
         "fit_mean_edges": {str(k): round(_mean_edges(layers), 3) for k, layers in fitted.items()},
         "bos_token_id": bos,
         "stats_positions": stats.n_positions,

@@ -148,6 +148,8 @@ def measure_faithfulness(
             if graph.fitted and graph.meta.get("fit_fanin") == "adaptive"
             else None
         ),
+        # graphs from before the choice existed fitted squared error
+        "fit_loss": graph.meta.get("fit_loss", "squared") if graph.fitted else None,
         # graphs from before the choice existed ranked QK pairs by mean |contribution|
         "pair_importance": (
             graph.meta.get("pair_importance", "abs") if graph.meta.get("max_pairs") else None
@@ -227,7 +229,8 @@ def format_faithfulness(report: dict[str, Any]) -> str:
                 chosen += f", errors priced by {report['fit_importance']}"
         else:
             chosen = f"k in-edges {chosen}"
-        lines.append(f"2f/3f: fitted formulas ({chosen}, least-squares weights)")
+        fit = "censored least-squares" if report.get("fit_loss") == "censored" else "least-squares"
+        lines.append(f"2f/3f: fitted formulas ({chosen}, {fit} weights)")
     if report.get("pair_importance") and any(r.get("pairs") for r in report["rows"]):
         how = {
             "attribution": "mean |gradient x contribution|",

@@ -48,10 +48,18 @@ from .weights import ModelWeights
 
 #: entries of the per-batch design block [positions, features, pool + 1] built at once
 _BLOCK = 32_000_000
+#: censored fits: passes that re-target off positions at the current fit (each one more read
+#: of the statistics corpus, without the X'X product), and the share of the gap from an off
+#: feature's true pre-activation up to its cut that a prediction may move through freely
+_CENSOR_PASSES = 2
+_CENSOR_MARGIN = 0.5
 
 
 FANIN = ("fixed", "adaptive")
 IMPORTANCE = ("fisher", "decoder")
+LOSSES = ("squared", "censored")
+#: activations with a value below which a feature is off (:func:`off_ceiling`)
+CEILED = ("topk", "relu", "jumprelu", "batchtopk")
 
 
 @dataclass
@@ -81,22 +89,41 @@ def _split(ranked: RankedEdges, idx: Tensor) -> tuple[Tensor, Tensor]:
     return chan, idx - offsets[chan]
 
 
+def off_ceiling(activation, pre: Tensor) -> Tensor | None:
+    """``[..., n_features]``: the value below which a feature stays off, given the true
+    pre-activations ``pre`` of the whole row: the k-th largest (at least 0) for TopK, which
+    competes within a position; the threshold for JumpReLU and BatchTopK at inference; 0 for
+    ReLU. None for an activation with no such value (the censored fit then falls back to
+    squared error)."""
+    name = getattr(activation, "name", "")
+    if name not in CEILED:
+        return None
+    if name == "topk":
+        cut = pre.topk(min(activation.k, pre.shape[-1]), dim=-1).values[..., -1:]
+        return cut.clamp(min=0).expand_as(pre)
+    if name == "relu":
+        return torch.zeros_like(pre)
+    return activation.jumprelu_threshold().to(pre).expand_as(pre)  # jumprelu, batchtopk
+
+
 @torch.no_grad()
-def _normal_equations(
-    truth: ACGModel, below: ACGModel, ranked: RankedEdges, layer: int, pool: int, batches, pad, bar
-) -> tuple[Tensor, Tensor]:
-    """X'X [n_features, pool + 1, pool + 1] and X'y over the statistics corpus; the last
-    column of X is the intercept. ``bar`` advances once per batch."""
+def _design_blocks(truth, below, ranked, layer, pool, batches, pad, bar):
+    """Per statistics batch and block of features: ``(features, x, y, ceiling, on)``, with
+    x [block, n, pool + 1] (float64; G/s of the candidate edges at the n valid positions,
+    the intercept last), y [n, block] the level-1 pre-activations, ``ceiling`` [n, block]
+    (:func:`off_ceiling`, or None) and ``on`` [n, block] where level 1 has the feature on.
+    ``bar`` advances once per batch."""
     chan, slot = _split(ranked, ranked.index[:, :pool])
     n_feat = chan.shape[0]
-    xtx = torch.zeros(n_feat, pool + 1, pool + 1, dtype=torch.float64)
-    xty = torch.zeros(n_feat, pool + 1, dtype=torch.float64)
+    activation = truth.w.transcoders[layer].activation
     for tokens in batches:
         trace = below.run(tokens, until=layer)
-        target = trace.pre[layer] if below is truth else truth.run(tokens, until=layer).pre[layer]
+        exact = trace if below is truth else truth.run(tokens, until=layer)
         mask = valid_positions(trace.tokens, pad)
         s = trace.s2[layer][mask]
-        y = target[mask]
+        y = exact.pre[layer][mask]
+        ceiling = off_ceiling(activation, y)
+        on = exact.acts[layer][mask] != 0
         gathered = {}  # channel -> (slots, G/s of those slots at the masked positions)
         for c in chan.unique().tolist():
             slots = torch.unique(slot[chan == c])
@@ -112,10 +139,50 @@ def _normal_equations(
                 f_i, k_i = sel.nonzero(as_tuple=True)
                 cols[:, f_i, k_i] = g[:, torch.searchsorted(slots, slot[f][sel])]
             x = cols.double().transpose(0, 1)  # [features, n, pool + 1]
-            xtx[f] += x.transpose(1, 2) @ x
-            xty[f] += (x.transpose(1, 2) @ y[:, f].double().T[..., None])[..., 0]
+            yield (
+                f,
+                x,
+                y[:, f].double(),
+                None if ceiling is None else ceiling[:, f].double(),
+                on[:, f],
+            )
         bar.update()
+
+
+def _normal_equations(truth, below, ranked, layer, pool, batches, pad, bar):
+    """X'X [n_features, pool + 1, pool + 1] and X'y over the statistics corpus."""
+    n_feat = ranked.index.shape[0]
+    xtx = torch.zeros(n_feat, pool + 1, pool + 1, dtype=torch.float64)
+    xty = torch.zeros(n_feat, pool + 1, dtype=torch.float64)
+    for f, x, y, _, _ in _design_blocks(truth, below, ranked, layer, pool, batches, pad, bar):
+        xtx[f] += x.transpose(1, 2) @ x
+        xty[f] += (x.transpose(1, 2) @ y.T[..., None])[..., 0]
     return xtx, xty
+
+
+def censored_target(y: Tensor, pred: Tensor, ceiling: Tensor, on: Tensor) -> Tensor:
+    """The target a censored fit regresses on: the true pre-activation ``y`` where the
+    feature is on; where it is off, the prediction itself (no error) while it stays between
+    ``y`` and halfway from ``y`` to the ``ceiling`` above which the feature would turn on,
+    else the nearer end. How far below the cut an off feature sits changes nothing
+    downstream, so the fit need not spend edges reproducing it; the half-gap margin keeps
+    predictions from settling just under the cut, where new text would push them over."""
+    upper = y + (_CENSOR_MARGIN * (ceiling - y)).clamp(min=0)
+    return torch.where(on, y, torch.minimum(torch.maximum(pred, y), upper))
+
+
+@torch.no_grad()
+def _censored_xty(truth, below, ranked, layer, pool, batches, pad, bar, beta):
+    """X'y' over the statistics corpus, y' the :func:`censored_target` of the current fit
+    ``beta`` [n_features, pool + 1] (dense over the candidates, the intercept last)."""
+    xty = torch.zeros(beta.shape, dtype=torch.float64)
+    for f, x, y, ceiling, on in _design_blocks(
+        truth, below, ranked, layer, pool, batches, pad, bar
+    ):
+        pred = (x @ beta[f, :, None])[..., 0].T  # [n, block]
+        target = censored_target(y, pred, ceiling, on)
+        xty[f] += (x.transpose(1, 2) @ target.T[..., None])[..., 0]
+    return xty
 
 
 def _regularized(xtx: Tensor, ridge: float) -> Tensor:
@@ -220,6 +287,29 @@ def feature_prices(
     }
 
 
+def _select(a: Tensor, b: Tensor, P: int, cap: int, k: int, price: Tensor | None):
+    """One layer's formulas from its normal equations: (picked [F, cap] pool positions in
+    greedy order, weights, intercepts, n_edges or None); ``price`` [F] given: adaptive
+    fan-in."""
+    n_feat = a.shape[0]
+    if cap < P or price is not None:
+        picked, drops = _greedy(a, b, cap)
+    else:
+        picked, drops = torch.arange(P).expand(n_feat, P), None
+    if price is None:
+        return (picked, *_solve_subset(a, b, picked), None)
+    n_edges = _allocate(drops, price, k)
+    return (picked, *_solve_prefixes(a, b, picked, n_edges), n_edges)
+
+
+def _dense(picked: Tensor, w: Tensor, bias: Tensor, P: int) -> Tensor:
+    """[F, P + 1]: the weights over the whole candidate pool, the intercept last."""
+    beta = torch.zeros(picked.shape[0], P + 1, dtype=w.dtype)
+    beta.scatter_(1, picked, w)
+    beta[:, P] = bias
+    return beta
+
+
 @torch.no_grad()
 def fit_edges(
     weights: ModelWeights,
@@ -232,6 +322,7 @@ def fit_edges(
     fanin: str = "fixed",
     max_fanin: int | None = None,
     importance: str | dict[int, Tensor] = "fisher",
+    loss: str = "squared",
     pad_token_id: int | None = None,
     progress: bool = True,
 ) -> dict[int, FittedLayer]:
@@ -240,11 +331,16 @@ def fit_edges(
     ``fanin="adaptive"``, k edges per feature on average over each layer, at most
     ``max_fanin`` (default 4·k) for one feature, chosen from the top max(pool, max_fanin),
     each feature's errors priced by ``importance`` (a name for :func:`feature_prices`, or
-    the prices themselves, so fits for several k compute them once)."""
+    the prices themselves, so fits for several k compute them once). ``loss="censored"``:
+    where level 1 has a feature off, only predictions that would turn it on are errors
+    (:func:`censored_target`; the selection and weights are fitted again
+    ``_CENSOR_PASSES`` times, each on the targets of the fit before)."""
     if fanin not in FANIN:
         raise ConfigError(f"fanin must be one of {FANIN}, got {fanin!r}")
     if isinstance(importance, str) and importance not in IMPORTANCE:
         raise ConfigError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
+    if loss not in LOSSES:
+        raise ConfigError(f"loss must be one of {LOSSES}, got {loss!r}")
     prices = importance
     if fanin == "adaptive" and isinstance(importance, str):
         prices = feature_prices(weights, batches, importance, pad_token_id, progress)
@@ -252,26 +348,28 @@ def fit_edges(
     fitted: dict[int, FittedLayer] = {}
     edges: dict[int, LayerEdges] = {}
     n_layers = weights.layout.n_layers
-    # one tick per (layer, batch): the normal equations are most of a layer's time
-    bar = progress_bar(total=n_layers * len(batches), desc=f"acg: fit k={k}", enabled=progress)
+    passes = _CENSOR_PASSES if loss == "censored" else 0
+    # one tick per (layer, pass over the corpus, batch): the data passes are most of the time
+    bar = progress_bar(
+        total=n_layers * (1 + passes) * len(batches), desc=f"acg: fit k={k}", enabled=progress
+    )
     for layer in range(n_layers):
         r = ranked[layer]
         cap = min(max_fanin or 4 * k, r.max_k) if fanin == "adaptive" else k
         P = min(max(pool or k, cap), r.max_k)
         below = ACGModel(weights, dict(edges)) if edges else truth
-        xtx, xty = _normal_equations(truth, below, r, layer, P, batches, pad_token_id, bar)
+        data = (truth, below, r, layer, P, batches, pad_token_id, bar)
+        xtx, xty = _normal_equations(*data)
         a = _regularized(xtx, ridge)
-        n_feat = xtx.shape[0]
-        if cap < P or fanin == "adaptive":
-            picked, drops = _greedy(a, xty, cap)
-        else:
-            picked, drops = torch.arange(P).expand(n_feat, P), None
-        n_edges = None
-        if fanin == "adaptive":
-            n_edges = _allocate(drops, prices[layer], k)
-            w, b = _solve_prefixes(a, xty, picked, n_edges)
-        else:
-            w, b = _solve_subset(a, xty, picked)
+        price = prices[layer] if fanin == "adaptive" else None
+        picked, w, b, n_edges = _select(a, xty, P, cap, k, price)
+        censor = getattr(weights.transcoders[layer].activation, "name", "") in CEILED
+        for _ in range(passes):
+            if not censor:  # no cut to censor at: squared error it is
+                bar.update(len(batches))
+                continue
+            xty = _censored_xty(*data, _dense(picked, w, b, P))
+            picked, w, b, n_edges = _select(a, xty, P, cap, k, price)
         index = torch.gather(r.index[:, :P], 1, picked)
         fitted[layer] = FittedLayer(index.contiguous(), w.float().contiguous(), b.float(), n_edges)
         edges[layer] = fitted_layer_edges(weights, r, layer, fitted[layer])
