@@ -232,7 +232,7 @@ def collect_stats(
     gen = torch.Generator().manual_seed(0)
     power = _PAIR_POWER.get(pair_importance, 0)
     for tokens in progress_bar(
-        batches if qk else [], desc="acg: pair statistics", enabled=progress
+        batches if qk else [], desc="acg: pair statistics", enabled=progress and qk
     ):
         if power:
             got = sampled_gradients(acg, tokens, gen, pad_token_id)
