@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from acgraph.cli import main
 
@@ -73,6 +74,25 @@ def test_tune_cli_adds_tuned_rows(built, tmp_path, capsys):
     assert [(r["level"], r["pairs"]) for r in report["rows"] if r["tuned"]] == [
         ("2", None), ("3", 64),
     ]  # fmt: skip
+
+
+def test_tune_seed_draws_other_contexts(built, tmp_path):
+    """``acg tune --seed`` changes the contexts each step draws (the corpus stays the build's),
+    so two seeds train different weights; the manifest records it."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    weights = {}
+    for seed in (0, 1):
+        graph = tmp_path / f"graph{seed}"
+        shutil.copytree(built, graph)
+        argv = ["tune", str(graph), "--k", "8", "--steps", "2", "--contexts", "8", "--rows", "2"]
+        argv += ["--validation-contexts", "0", "--batch-size", "4", "--seed", str(seed)]
+        assert main(argv) == 0
+        assert json.loads((graph / "manifest.json").read_text())["tuned"]["8"]["seed"] == seed
+        weights[seed] = load_file(graph / "edges.safetensors")["tune8.L2.weight"]
+    assert not torch.equal(weights[0], weights[1])
 
 
 def test_build_with_adaptive_fanin(tmp_path, capsys):

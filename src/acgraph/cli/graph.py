@@ -119,7 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "KL picks the step kept, step 0 included; 0: keep the last step (32)",
     )
     p.add_argument("--validate-every", type=int, default=50, help="steps between checks (50)")
-    _common(p)
+    _common(p, seed_help="seed of the contexts each step draws (the corpus is the build's)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("faithfulness", help="measure the ACG against the original model")
@@ -145,8 +145,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_explain)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="corpus seed (generated corpora)")
+def _common(p: argparse.ArgumentParser, seed_help: str = "corpus seed (generated corpora)") -> None:
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--batch-size", type=int, default=16, help="contexts per forward (16)")
 
@@ -298,7 +298,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     validation: list[tuple[int, float]] = []
     layers, heads, losses = tune_formulas(
         graph, args.k, batches, pairs=args.pairs, steps=args.steps, lr=args.lr, rows=args.rows,
-        checkpoint=folder / "checkpoints" / f"tune{args.k}.safetensors",
+        seed=args.seed, checkpoint=folder / "checkpoints" / f"tune{args.k}.safetensors",
         checkpoint_every=args.checkpoint_every, resume=args.resume,
         validation_batches=held, validate_every=args.validate_every, validation=validation,
     )  # fmt: skip
@@ -309,6 +309,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         "steps": args.steps,
         "lr": args.lr,
         "rows": args.rows,
+        "seed": args.seed,
         "contexts": sum(int(b.shape[0]) for b in batches),
         "kl_first": losses[0],
         "kl_last_5pct": sum(tail) / len(tail),
