@@ -107,12 +107,12 @@ def off_ceiling(activation, pre: Tensor) -> Tensor | None:
 
 
 @torch.no_grad()
-def _design_blocks(truth, below, ranked, layer, pool, batches, pad, bar):
+def _design_blocks(truth, below, ranked, layer, pool, batches, pad, bar, cut=False):
     """Per statistics batch and block of features: ``(features, x, y, ceiling, on)``, with
     x [block, n, pool + 1] (float64; G/s of the candidate edges at the n valid positions,
-    the intercept last), y [n, block] the level-1 pre-activations, ``ceiling`` [n, block]
-    (:func:`off_ceiling`, or None) and ``on`` [n, block] where level 1 has the feature on.
-    ``bar`` advances once per batch."""
+    the intercept last), y [n, block] the level-1 pre-activations and, with ``cut``,
+    ``ceiling`` [n, block] (:func:`off_ceiling`) and ``on`` [n, block] where level 1 has the
+    feature on (else None). ``bar`` advances once per batch."""
     chan, slot = _split(ranked, ranked.index[:, :pool])
     n_feat = chan.shape[0]
     activation = truth.w.transcoders[layer].activation
@@ -122,8 +122,8 @@ def _design_blocks(truth, below, ranked, layer, pool, batches, pad, bar):
         mask = valid_positions(trace.tokens, pad)
         s = trace.s2[layer][mask]
         y = exact.pre[layer][mask]
-        ceiling = off_ceiling(activation, y)
-        on = exact.acts[layer][mask] != 0
+        ceiling = off_ceiling(activation, y) if cut else None
+        on = exact.acts[layer][mask] != 0 if cut else None
         gathered = {}  # channel -> (slots, G/s of those slots at the masked positions)
         for c in chan.unique().tolist():
             slots = torch.unique(slot[chan == c])
@@ -139,13 +139,10 @@ def _design_blocks(truth, below, ranked, layer, pool, batches, pad, bar):
                 f_i, k_i = sel.nonzero(as_tuple=True)
                 cols[:, f_i, k_i] = g[:, torch.searchsorted(slots, slot[f][sel])]
             x = cols.double().transpose(0, 1)  # [features, n, pool + 1]
-            yield (
-                f,
-                x,
-                y[:, f].double(),
-                None if ceiling is None else ceiling[:, f].double(),
-                on[:, f],
-            )
+            if cut:
+                yield f, x, y[:, f].double(), ceiling[:, f].double(), on[:, f]
+            else:
+                yield f, x, y[:, f].double(), None, None
         bar.update()
 
 
@@ -177,7 +174,7 @@ def _censored_xty(truth, below, ranked, layer, pool, batches, pad, bar, beta):
     ``beta`` [n_features, pool + 1] (dense over the candidates, the intercept last)."""
     xty = torch.zeros(beta.shape, dtype=torch.float64)
     for f, x, y, ceiling, on in _design_blocks(
-        truth, below, ranked, layer, pool, batches, pad, bar
+        truth, below, ranked, layer, pool, batches, pad, bar, cut=True
     ):
         pred = (x @ beta[f, :, None])[..., 0].T  # [n, block]
         target = censored_target(y, pred, ceiling, on)
@@ -363,11 +360,10 @@ def fit_edges(
         a = _regularized(xtx, ridge)
         price = prices[layer] if fanin == "adaptive" else None
         picked, w, b, n_edges = _select(a, xty, P, cap, k, price)
-        censor = getattr(weights.transcoders[layer].activation, "name", "") in CEILED
-        for _ in range(passes):
-            if not censor:  # no cut to censor at: squared error it is
-                bar.update(len(batches))
-                continue
+        # an activation with no cut to censor at keeps its squared-error fit
+        cut = getattr(weights.transcoders[layer].activation, "name", "") in CEILED
+        bar.update(0 if cut else passes * len(batches))
+        for _ in range(passes if cut else 0):
             xty = _censored_xty(*data, _dense(picked, w, b, P))
             picked, w, b, n_edges = _select(a, xty, P, cap, k, price)
         index = torch.gather(r.index[:, :P], 1, picked)
