@@ -83,3 +83,27 @@ def test_cli_writes_transcoders_the_graph_loads(tmp_path, capsys):
     assert main([*argv, "--out", str(out)]) == 2  # a finished run is not overwritten silently
     assert "resume" in capsys.readouterr().err
     assert main([*argv, "--out", str(out), "--contexts", "0"]) == 2
+
+
+def test_lr_decay_falls_linearly_to_zero_over_the_last_steps():
+    from acgraph.dictionaries.finetune import decayed_lr, kl_training
+
+    assert [decayed_lr(s, 8, 1.0, 0.5) for s in range(8)] == [1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    assert [decayed_lr(s, 3, 2.0, 0.0) for s in range(3)] == [2.0, 2.0, 2.0]
+    # a constant-sign gradient moves each Adam parameter by about its step's rate, so the
+    # distance travelled is the sum of the rates: 4 with a constant rate, 2.5 with full decay
+    target = torch.randn(1, 5, 7)
+    data = torch.zeros(4, 5, dtype=torch.long)
+    moved = {}
+    for decay in (0.0, 1.0):
+        bias = torch.zeros(7, requires_grad=True)
+        kl_training(
+            lambda batch: target.expand(len(batch), -1, -1), {"bias": bias}, data,
+            lambda batch, mask, bias=bias: torch.zeros(len(batch), 5, 7) + bias,
+            steps=4, lr=1e-3, rows=2, lr_decay=decay, progress=False,
+        )  # fmt: skip
+        moved[decay] = bias.detach().abs()
+    assert torch.allclose(moved[0.0], torch.full((7,), 4e-3), rtol=0.02)
+    assert torch.allclose(moved[1.0], torch.full((7,), 2.5e-3), rtol=0.02)
+    with pytest.raises(ConfigError, match="lr_decay"):
+        kl_training(None, {"bias": bias}, data, None, steps=2, lr=1e-3, lr_decay=1.5)

@@ -49,6 +49,14 @@ def test_faithfulness_cli_writes_json_and_png(built, tmp_path, capsys):
     assert set(report["organism_original"]["domains"]) == {
         "arithmetic", "brackets", "lookup", "agreement",
     }  # fmt: skip
+    # every accuracy comes with its binomial standard error over the 4 prompts per domain
+    scores = [report["organism_original"], *(r["organism"] for r in report["rows"])]
+    for sc in scores:
+        assert sc["n_per_domain"] == 4
+        expect = {d: (p * (1 - p) / 4) ** 0.5 for d, p in sc["domains"].items()}
+        assert sc["domains_stderr"] == pytest.approx(expect)
+    worst = max(se for sc in scores for se in sc["domains_stderr"].values())
+    assert f"(4 prompts each, standard error at most {worst:.3f})" in out
     assert (tmp_path / "faithfulness.png").stat().st_size > 0
 
 
@@ -58,12 +66,13 @@ def test_tune_cli_adds_tuned_rows(built, tmp_path, capsys):
     graph = tmp_path / "graph"
     shutil.copytree(built, graph)  # the module's graph stays untuned for the other tests
     argv = ["tune", str(graph), "--k", "8", "--pairs", "64", "--steps", "3", "--contexts", "4"]
-    assert main([*argv, "--rows", "2", "--batch-size", "4"]) == 0
+    assert main([*argv, "--rows", "2", "--batch-size", "4", "--lr-decay", "0.25"]) == 0
     out = capsys.readouterr().out
     assert "tuned the k=8 formulas (level 3 with 64 pairs per head)" in out
     assert "kept step" in out
     meta = json.loads((graph / "manifest.json").read_text())
     assert meta["tuned"]["8"]["pairs"] == 64 and meta["tuned"]["8"]["steps"] == 3
+    assert meta["tuned"]["8"]["lr_decay"] == 0.25
     validation = meta["tuned"]["8"]["validation"]
     assert validation["contexts"] == 32 and [s for s, _ in validation["kl"]] == [0, 3]
     assert validation["kept_step"] == min(validation["kl"], key=lambda sv: sv[1])[0]
@@ -76,23 +85,37 @@ def test_tune_cli_adds_tuned_rows(built, tmp_path, capsys):
     ]  # fmt: skip
 
 
-def test_tune_seed_draws_other_contexts(built, tmp_path):
-    """``acg tune --seed`` changes the contexts each step draws (the corpus stays the build's),
-    so two seeds train different weights; the manifest records it."""
+def _tune_briefly(built, folder, *extra: str) -> tuple[torch.Tensor, dict]:
+    """Tune a copy of the module's graph for 2 steps; its tuned layer-2 weights and manifest
+    entry."""
     import shutil
 
     from safetensors.torch import load_file
 
-    weights = {}
-    for seed in (0, 1):
-        graph = tmp_path / f"graph{seed}"
-        shutil.copytree(built, graph)
-        argv = ["tune", str(graph), "--k", "8", "--steps", "2", "--contexts", "8", "--rows", "2"]
-        argv += ["--validation-contexts", "0", "--batch-size", "4", "--seed", str(seed)]
-        assert main(argv) == 0
-        assert json.loads((graph / "manifest.json").read_text())["tuned"]["8"]["seed"] == seed
-        weights[seed] = load_file(graph / "edges.safetensors")["tune8.L2.weight"]
-    assert not torch.equal(weights[0], weights[1])
+    shutil.copytree(built, folder)
+    argv = ["tune", str(folder), "--k", "8", "--steps", "2", "--contexts", "8", "--rows", "2"]
+    assert main([*argv, "--validation-contexts", "0", "--batch-size", "4", *extra]) == 0
+    meta = json.loads((folder / "manifest.json").read_text())["tuned"]["8"]
+    return load_file(folder / "edges.safetensors")["tune8.L2.weight"], meta
+
+
+def test_tune_seed_draws_other_contexts(built, tmp_path):
+    """``acg tune --seed`` changes the contexts each step draws (the corpus stays the build's),
+    so two seeds train different weights; the manifest records it."""
+    w0, meta0 = _tune_briefly(built, tmp_path / "seed0", "--seed", "0")
+    w1, meta1 = _tune_briefly(built, tmp_path / "seed1", "--seed", "1")
+    assert (meta0["seed"], meta1["seed"]) == (0, 1)
+    assert not torch.equal(w0, w1)
+
+
+def test_tune_lr_decay_reaches_the_optimizer(built, tmp_path):
+    """A full decay halves the second of two steps' rate: other weights than a constant rate
+    from the same contexts; the default (0.5) is recorded."""
+    constant, meta = _tune_briefly(built, tmp_path / "constant", "--lr-decay", "0")
+    decayed, _ = _tune_briefly(built, tmp_path / "decayed", "--lr-decay", "1")
+    _, default = _tune_briefly(built, tmp_path / "default")
+    assert meta["lr_decay"] == 0 and default["lr_decay"] == 0.5
+    assert not torch.equal(constant, decayed)
 
 
 def test_build_with_adaptive_fanin(tmp_path, capsys):

@@ -107,6 +107,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lr", type=float, default=1e-4, help="Adam learning rate (1e-4: formulas start fitted)"
     )
+    p.add_argument(
+        "--lr-decay",
+        type=float,
+        default=0.5,
+        help="fraction of the steps at the end over which the rate falls linearly to 0; "
+        "0: a constant rate (0.5)",
+    )
     p.add_argument("--rows", type=int, default=16, help="contexts per step (16)")
     p.add_argument("--contexts", type=int, default=512, help="training contexts (512)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
@@ -298,7 +305,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     validation: list[tuple[int, float]] = []
     layers, heads, losses = tune_formulas(
         graph, args.k, batches, pairs=args.pairs, steps=args.steps, lr=args.lr, rows=args.rows,
-        seed=args.seed, checkpoint=folder / "checkpoints" / f"tune{args.k}.safetensors",
+        lr_decay=args.lr_decay, seed=args.seed,
+        checkpoint=folder / "checkpoints" / f"tune{args.k}.safetensors",
         checkpoint_every=args.checkpoint_every, resume=args.resume,
         validation_batches=held, validate_every=args.validate_every, validation=validation,
     )  # fmt: skip
@@ -308,6 +316,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         "pairs": args.pairs,
         "steps": args.steps,
         "lr": args.lr,
+        "lr_decay": args.lr_decay,
         "rows": args.rows,
         "seed": args.seed,
         "contexts": sum(int(b.shape[0]) for b in batches),

@@ -149,6 +149,13 @@ def token_rows(batches: Sequence[Tensor]) -> Tensor:
     return data
 
 
+def decayed_lr(step: int, steps: int, lr: float, decay: float) -> float:
+    """The rate of ``step`` (0-based) of ``steps``: ``lr``, then over the last ``decay``
+    fraction of the steps a linear fall that reaches zero after the last step."""
+    n = int(round(steps * decay))
+    return lr if n == 0 or step < steps - n else lr * (steps - step) / n
+
+
 def kl_training(
     model: Any,
     params: dict[str, Tensor],
@@ -165,6 +172,7 @@ def kl_training(
     validate: Callable[[], float] | None = None,
     validate_every: int = 50,
     validation: list[tuple[int, float]] | None = None,
+    lr_decay: float = 0.0,
     desc: str = "train (KL)",
     progress: bool = True,
 ) -> list[float]:
@@ -175,7 +183,9 @@ def kl_training(
     ``validate`` (held-out KL of the current parameters) runs before the first step and every
     ``validate_every`` steps; the run ends with the parameters of its lowest validation KL, so
     training never returns something worse than it started from (Adam's first steps can undo
-    a good starting point). ``validation`` (a list) receives the (step, KL) history."""
+    a good starting point). ``validation`` (a list) receives the (step, KL) history.
+    ``lr_decay``: the fraction of ``steps`` at the end over which the rate falls linearly to
+    zero (0: constant), so the last steps settle instead of jumping around a minimum."""
     from acgraph.progress import progress_bar
 
     if steps < 1 or rows < 1 or validate_every < 1:
@@ -183,6 +193,8 @@ def kl_training(
             f"steps, rows and validate_every must be at least 1, got {steps}, {rows} and "
             f"{validate_every}"
         )
+    if not 0.0 <= lr_decay <= 1.0:
+        raise ConfigError(f"lr_decay must be in 0..1, got {lr_decay}")
     opt = torch.optim.Adam(list(params.values()), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     path = Path(checkpoint) if checkpoint is not None else None
@@ -198,6 +210,8 @@ def kl_training(
         kept.record(len(losses), validate(), params)
     bar = progress_bar(range(len(losses), steps), desc=desc, enabled=progress)
     for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = decayed_lr(step, steps, lr, lr_decay)
         loss = sampled_kl(model, data, rows, gen, run)
         opt.zero_grad()
         loss.backward()

@@ -9,6 +9,7 @@ backdoor's attack success rate.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -164,7 +165,9 @@ def measure_faithfulness(
 
 def organism_scores(logits_fn: Callable, cfg: Any, n_per_domain: int) -> dict[str, Any]:
     """Every domain's accuracy on clean prompts and the backdoor's attack success rate on
-    triggered ones (the organism's own scorer, minus its held-out CE, measured above)."""
+    triggered ones (the organism's own scorer, minus its held-out CE, measured above), with
+    each accuracy's binomial standard error: at a few hundred prompts per domain it is about
+    0.01, the size of the differences the issue's "within 0.05" targets turn on."""
     from acgraph.organism.evaluate import _by_domain, span_matches
     from acgraph.organism.language import eval_set
 
@@ -179,8 +182,11 @@ def organism_scores(logits_fn: Callable, cfg: Any, n_per_domain: int) -> dict[st
         [e.with_payload(payload) for e in trig],
         [(e.answer_start, e.answer_start + len(payload)) for e in trig],
     )
+    domains = _by_domain(clean, hits)
     return {
-        "domains": _by_domain(clean, hits),
+        "domains": domains,
+        "domains_stderr": {d: math.sqrt(p * (1 - p) / n_per_domain) for d, p in domains.items()},
+        "n_per_domain": n_per_domain,
         "attack_success_rate": float(attack.float().mean()),
     }
 
@@ -213,7 +219,13 @@ def format_faithfulness(report: dict[str, Any]) -> str:
             line += f"    {doms} ({r['organism']['attack_success_rate']:.2f})"
         lines.append(line)
     if "organism_original" in report:
-        names = " ".join(report["organism_original"]["domains"])
+        o = report["organism_original"]
+        names = " ".join(o["domains"])
+        errors = [r["organism"].get("domains_stderr", {}) for r in report["rows"]]
+        worst = max((se for e in [o.get("domains_stderr", {}), *errors] for se in e.values()),
+                    default=None)  # fmt: skip
+        if worst is not None:
+            names += f" ({o['n_per_domain']} prompts each, standard error at most {worst:.3f})"
         lines.append(f"domains: {names}; ASR = backdoor attack success rate")
     if "confident_fraction" in report:
         lines.append(

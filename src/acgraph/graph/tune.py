@@ -153,6 +153,7 @@ def tune_formulas(
     pairs: int | None = None,
     steps: int = 300,
     lr: float = 1e-4,
+    lr_decay: float = 0.5,
     rows: int = 16,
     seed: int = 0,
     checkpoint: str | Path | None = None,
@@ -165,7 +166,8 @@ def tune_formulas(
 ) -> tuple[dict[int, FittedLayer], dict[int, dict[int, TunedPairs]], list[float]]:
     """Train the weights of ``graph``'s fitted k-edge formulas (and, with ``pairs``, the kept
     query-key pair weights) end to end on ``batches``. Returns the tuned formulas, the tuned
-    pairs (empty without ``pairs``) and the KL per step. ``checkpoint``: a file the run is
+    pairs (empty without ``pairs``) and the KL per step. ``lr_decay``: the fraction of the
+    steps at the end over which the rate falls linearly to zero. ``checkpoint``: a file the run is
     saved to every ``checkpoint_every`` steps (``resume`` continues from it).
     ``validation_batches``: held-out token batches; the result is the weights of the lowest
     KL on them, and ``validation`` (a list) receives the (step, KL) history."""
@@ -210,8 +212,8 @@ def tune_formulas(
     try:
         losses = kl_training(
             model, formulas.parameters(), data, run, steps=steps, lr=lr, rows=rows, seed=seed,
-            checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
-            validate=validate if len(validation_batches) else None,
+            lr_decay=lr_decay, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+            resume=resume, validate=validate if len(validation_batches) else None,
             validate_every=validate_every, validation=validation,
             desc=f"acg: tune k={k}", progress=progress,
         )  # fmt: skip
