@@ -193,6 +193,7 @@ _BUILD += ["--transcoders"]
         (["faithfulness", "{acg}", "--k", "a,b"], "comma-separated"),
         (["tune", "{acg}", "--k", "4"], "no fitted formulas"),
         (["tune", "{acg}", "--k", "8", "--pairs", "999"], "--pairs must be"),
+        (["tune", "{acg}", "--k", "8", "--lr-decay", "1.5"], "--lr-decay must be in 0..1"),
         ([*_BUILD, "organism", "--max-fanin", "8"], "--max-fanin needs --fit-fanin adaptive"),
         (
             [*_BUILD, "organism", "--fit-importance", "decoder"],

@@ -287,6 +287,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.validation_contexts < 0:
         n = args.validation_contexts
         raise ConfigError(f"--validation-contexts must be 0 or more, got {n}")
+    if not 0 <= args.lr_decay <= 1:
+        raise ConfigError(f"--lr-decay must be in 0..1, got {args.lr_decay}")
     if args.pairs is not None and not 1 <= args.pairs <= int(meta.get("max_pairs") or 0):
         raise ConfigError(f"--pairs must be in 1..{meta.get('max_pairs') or 0} (stored per head)")
     # the build's own corpus and seed: tuning is part of building, never the held-out text
