@@ -86,13 +86,14 @@ def test_cli_writes_transcoders_the_graph_loads(tmp_path, capsys):
 
 
 def test_lr_decay_falls_linearly_to_zero_over_the_last_steps():
-    from acgraph.dictionaries.finetune import decayed_lr, kl_training
+    from acgraph.dictionaries.finetune import kl_training
+    from acgraph.dictionaries.training import decayed_lr
 
     assert [decayed_lr(s, 8, 1.0, 0.5) for s in range(8)] == [1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
     assert [decayed_lr(s, 3, 2.0, 0.0) for s in range(3)] == [2.0, 2.0, 2.0]
     # a constant-sign gradient moves each Adam parameter by about its step's rate, so the
     # distance travelled is the sum of the rates: 4 with a constant rate, 2.5 with full decay
-    target = torch.randn(1, 5, 7)
+    target = torch.arange(7.0).expand(1, 5, 7)  # every logit's gradient clearly nonzero
     data = torch.zeros(4, 5, dtype=torch.long)
     moved = {}
     for decay in (0.0, 1.0):

@@ -27,6 +27,7 @@ from acgraph.errors import ArtifactError, ConfigError
 from acgraph.io import atomic_save_tensors, load_tensors
 
 from .metrics import splice_hooks
+from .training import decayed_lr
 
 
 def sampled_kl(model: Any, data: Tensor, rows: int, gen: torch.Generator, run: Any) -> Tensor:
@@ -147,13 +148,6 @@ def token_rows(batches: Sequence[Tensor]) -> Tensor:
     if data is None or len(data) == 0:
         raise ConfigError("end-to-end training needs at least one row of tokens")
     return data
-
-
-def decayed_lr(step: int, steps: int, lr: float, decay: float) -> float:
-    """The rate of ``step`` (0-based) of ``steps``: ``lr``, then over the last ``decay``
-    fraction of the steps a linear fall that reaches zero after the last step."""
-    n = int(round(steps * decay))
-    return lr if n == 0 or step < steps - n else lr * (steps - step) / n
 
 
 def kl_training(

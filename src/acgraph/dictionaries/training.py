@@ -144,11 +144,14 @@ def lr_at(step: int, base_lr: float, cfg: TrainConfig) -> float:
     warmup = min(cfg.lr_warmup_steps, max(total // 10, 1))
     if step < warmup:
         return base_lr * (step + 1) / warmup
-    decay_steps = int(total * cfg.lr_decay_fraction)
-    decay_start = total - decay_steps
-    if decay_steps > 0 and step >= decay_start:
-        return base_lr * max(total - step, 0) / decay_steps
-    return base_lr
+    return decayed_lr(step, total, base_lr, cfg.lr_decay_fraction)
+
+
+def decayed_lr(step: int, steps: int, lr: float, decay: float) -> float:
+    """The rate of ``step`` (0-based) of ``steps``: ``lr``, then over the last ``decay``
+    fraction of the steps a linear fall that reaches zero after the last step."""
+    n = int(steps * decay)
+    return lr if n == 0 or step < steps - n else lr * max(steps - step, 0) / n
 
 
 @dataclass

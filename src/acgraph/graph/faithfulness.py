@@ -221,10 +221,10 @@ def format_faithfulness(report: dict[str, Any]) -> str:
     if "organism_original" in report:
         o = report["organism_original"]
         names = " ".join(o["domains"])
-        errors = [r["organism"].get("domains_stderr", {}) for r in report["rows"]]
-        worst = max((se for e in [o.get("domains_stderr", {}), *errors] for se in e.values()),
-                    default=None)  # fmt: skip
-        if worst is not None:
+        scores = [o, *(r["organism"] for r in report["rows"])]
+        errors = [se for sc in scores for se in sc.get("domains_stderr", {}).values()]
+        if errors:  # reports written before 2026-12-07 have none
+            worst = max(errors)
             names += f" ({o['n_per_domain']} prompts each, standard error at most {worst:.3f})"
         lines.append(f"domains: {names}; ASR = backdoor attack success rate")
     if "confident_fraction" in report:
