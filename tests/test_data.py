@@ -373,3 +373,18 @@ def test_organism_corpus_through_organism_tokenizer():
     assert not (out == tok.unk_token_id).any()
     n_seps = int(special_token_mask(out[:, 1:], tok).sum())
     assert n_seps <= len(docs) - 1
+
+
+def test_a_large_request_of_the_generated_corpus_is_met():
+    """The organism corpus is endless: a request beyond its default 2,000 documents (about
+    245k tokens) reads enough of them, where a real corpus is read whole and --max-docs wins."""
+    from acgraph.data import documents_for
+    from acgraph.organism.tokenizer import build_tokenizer
+
+    assert documents_for("organism:poisoned", 10_000) == 2000
+    assert documents_for("corpus.txt", 10**6) is None
+    assert documents_for("organism", 10**6, max_docs=7) == 7
+    n_tokens = 3000 * 127  # 3,000 contexts of 128: more than 2,000 documents hold
+    docs = load_corpus("organism:poisoned", max_docs=documents_for("organism", n_tokens))
+    out = tokenize_to_contexts(docs, build_tokenizer(), 128, max_contexts=3000)
+    assert out.shape == (3000, 128)

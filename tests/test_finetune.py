@@ -71,11 +71,11 @@ def test_a_resumed_run_matches_an_uninterrupted_one(organism, tmp_path):
 def test_cli_writes_transcoders_the_graph_loads(tmp_path, capsys):
     out = tmp_path / "ft"
     argv = ["finetune", "organism", "--model", "organism", "--corpus", "organism:trusted"]
-    argv += ["--contexts", "16", "--context-size", "64", "--steps", "3", "--rows", "4"]
+    argv += ["--contexts", "16", "--context-size", "64", "--steps", "4", "--rows", "4"]
     assert main([*argv, "--out", str(out), "--threads", "1"]) == 0
     assert "fine-tuned 3 transcoders" in capsys.readouterr().out
     report = json.loads((out / "finetune.json").read_text())
-    assert report["steps"] == 3 and report["kl_first"] > 0
+    assert report["steps"] == 4 and report["kl_first"] > 0 and report["lr_decay"] == 0.5
     tuned = load_transcoders(str(out))
     shipped = load_transcoders("organism")
     assert sorted(tuned) == sorted(shipped)
@@ -83,6 +83,14 @@ def test_cli_writes_transcoders_the_graph_loads(tmp_path, capsys):
     assert main([*argv, "--out", str(out)]) == 2  # a finished run is not overwritten silently
     assert "resume" in capsys.readouterr().err
     assert main([*argv, "--out", str(out), "--contexts", "0"]) == 2
+    # --lr-decay reaches the optimizer: same contexts and seed, other weights
+    constant = tmp_path / "constant"
+    assert main([*argv, "--out", str(constant), "--threads", "1", "--lr-decay", "0"]) == 0
+    assert json.loads((constant / "finetune.json").read_text())["lr_decay"] == 0
+    assert not torch.equal(load_transcoders(str(constant))[0].W_enc, tuned[0].W_enc)
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "bad"), "--lr-decay", "2"]) == 2
+    assert "--lr-decay must be in 0..1" in capsys.readouterr().err
 
 
 def test_lr_decay_falls_linearly_to_zero_over_the_last_steps():

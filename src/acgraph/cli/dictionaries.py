@@ -144,6 +144,14 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (1000)")
     p.add_argument("--rows", type=int, default=16, help="contexts per step (16)")
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (3e-4)")
+    p.add_argument(
+        "--lr-decay",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="the rate falls linearly to 0 over the last fraction F of the steps (0.5; 0: "
+        "constant). The schedule follows --steps: resuming with more steps raises the rate again",
+    )
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0, help="corpus and sampling seed (0)")
     p.add_argument("--out", metavar="DIR", required=True, help="output folder")
@@ -195,7 +203,7 @@ def _sources(args: argparse.Namespace) -> tuple[str, str, Any]:
 def _load(args: argparse.Namespace, n_tokens: int, seed: int):
     import torch
 
-    from acgraph.data import load_corpus, tokenize_to_contexts
+    from acgraph.data import documents_for, load_corpus, tokenize_to_contexts
     from acgraph.models import load_model
 
     if args.threads:
@@ -206,7 +214,8 @@ def _load(args: argparse.Namespace, n_tokens: int, seed: int):
     if model.tokenizer is None:
         raise ConfigError(f"model {model_spec} has no tokenizer; cannot tokenize the corpus")
     max_contexts = max(1, math.ceil(n_tokens / max(args.context_size - 1, 1)))
-    texts = load_corpus(corpus_spec, max_docs=args.max_docs, seed=seed)
+    max_docs = documents_for(corpus_spec, n_tokens, args.max_docs)
+    texts = load_corpus(corpus_spec, max_docs=max_docs, seed=seed)
     tokens = tokenize_to_contexts(
         texts, model.tokenizer, args.context_size, max_contexts=max_contexts
     )
@@ -319,6 +328,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
     if args.contexts < 1:
         raise ConfigError(f"--contexts must be at least 1, got {args.contexts}")
+    if not 0 <= args.lr_decay <= 1:
+        raise ConfigError(f"--lr-decay must be in 0..1, got {args.lr_decay}")
     out = Path(args.out)
     tcs = load_transcoders(args.transcoders)
     if not tcs:
@@ -331,6 +342,7 @@ def _finetune(args: argparse.Namespace) -> int:
         list(tokens[: args.contexts].split(64)),
         steps=args.steps,
         lr=args.lr,
+        lr_decay=args.lr_decay,
         rows=args.rows,
         seed=args.seed,
         checkpoint=out / "checkpoints" / "finetune.safetensors",
@@ -347,6 +359,7 @@ def _finetune(args: argparse.Namespace) -> int:
         "steps": args.steps,
         "rows": args.rows,
         "lr": args.lr,
+        "lr_decay": args.lr_decay,
         "seed": args.seed,
         "kl_first": losses[0],
         "kl_last_5pct": sum(tail) / len(tail),

@@ -11,6 +11,7 @@ from acgraph.data.contexts import (
 )
 from acgraph.data.corpus import (
     check_corpus_spec,
+    documents_for,
     iter_corpus,
     load_corpus,
     parse_hf_spec,
@@ -19,6 +20,7 @@ from acgraph.data.corpus import (
 
 __all__ = [
     "check_corpus_spec",
+    "documents_for",
     "iter_batches",
     "iter_corpus",
     "load_corpus",

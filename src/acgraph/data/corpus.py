@@ -231,6 +231,16 @@ def _checked(spec: str, docs: Iterator[str], max_docs: int | None) -> Iterator[s
         raise CorpusError(f"corpus is empty: {spec}")
 
 
+def documents_for(spec: str, n_tokens: int, max_docs: int | None = None) -> int | None:
+    """How many documents to read for about ``n_tokens`` tokens: ``max_docs`` when given, else
+    all of a real corpus (None) and, of the endless generated organism corpus, enough for the
+    request (its default of ORGANISM_DEFAULT_DOCS documents holds only about 245k tokens)."""
+    if max_docs is not None or not _is_organism(spec):
+        return max_docs
+    # its documents average about 120 tokens: count 60 for room to spare
+    return max(ORGANISM_DEFAULT_DOCS, -(-n_tokens // 60))
+
+
 def load_corpus(spec: str, *, max_docs: int | None = None, seed: int = 0) -> list[str]:
     """Return the documents of a corpus spec as a list of strings (see the module docstring)."""
     return list(iter_corpus(spec, max_docs=max_docs, seed=seed))

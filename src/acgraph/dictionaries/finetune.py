@@ -109,6 +109,7 @@ def finetune_end_to_end(
     *,
     steps: int = 200,
     lr: float = 1e-4,
+    lr_decay: float = 0.0,
     rows: int = 16,
     seed: int = 0,
     checkpoint: str | Path | None = None,
@@ -120,7 +121,7 @@ def finetune_end_to_end(
     """Fine-tune ``transcoders`` in place so the model with every MLP replaced by its
     transcoder matches the next-token distribution of ``reference`` (default: ``model``
     itself) on ``batches`` (token rows starting with BOS; each step samples ``rows`` of
-    them). Returns the KL per step."""
+    them). ``lr_decay``: as in :func:`kl_training`. Returns the KL per step."""
     data = token_rows(batches)
     params = _params(transcoders)
 
@@ -134,8 +135,8 @@ def finetune_end_to_end(
     target = reference if reference is not None else model
     try:
         return kl_training(
-            target, params, data, spliced, steps=steps, lr=lr, rows=rows, seed=seed,
-            checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+            target, params, data, spliced, steps=steps, lr=lr, lr_decay=lr_decay, rows=rows,
+            seed=seed, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
             desc="fine-tune (KL)", progress=progress,
         )  # fmt: skip
     finally:

@@ -71,41 +71,40 @@ def rank_edges(
     seen = [(stats.mean_abs[(layer, c)] > 0).nonzero()[:, 0] for c in range(len(channels))]
     if sum(len(r) for r in seen) < max_k:
         seen = [torch.arange(weights.layout.channel_size(ch)) for ch in channels]
-    best_imp = best_idx = best_w = best_mean = None
+    # Every candidate is scored: the cost grows with channels × sources × features, the cube of
+    # the depth. So the scores are laid out [features, sources] (top-k along contiguous rows),
+    # and each read site's source vectors are formed once for all the channels reading it.
+    best: list[Tensor] | None = None  # importance, index, weight, mean: [n_features, <= max_k]
     total = None
     offsets, offset = [], 0
+    sources = site = None
     for c, channel in enumerate(channels):
+        if channel.read_site != site:
+            site, sources = channel.read_site, weights.source_vectors(channel.read_site)
         rows = seen[c]
-        W = weights.channel_weights(channel, layer, rows)  # [n_rows, n_features]
-        mean = stats.mean[(layer, c)][rows].to(W)
+        W = weights.channel_weights(channel, layer, rows, sources).T  # [n_features, n_rows]
         spread = stats.std((layer, c)) if ranking == "std" else stats.mean_abs[(layer, c)]
-        imp = W.abs() * spread[rows].to(W)[:, None]
-        contrib = W * mean[:, None]
-        total = contrib.sum(0) if total is None else total + contrib.sum(0)
-        kk = min(max_k, W.shape[0])
-        imp_top, top = imp.topk(kk, dim=0)  # [kk, n_features]
-        idx = rows.to(top)[top] + offset
-        w_top = W.gather(0, top)
-        m_top = contrib.gather(0, top)
-        if best_imp is None:
-            best_imp, best_idx, best_w, best_mean = imp_top, idx, w_top, m_top
-        else:
-            cat_imp = torch.cat([best_imp, imp_top])
-            keep = cat_imp.topk(min(max_k, cat_imp.shape[0]), dim=0).indices
-            best_imp = cat_imp.gather(0, keep)
-            best_idx = torch.cat([best_idx, idx]).gather(0, keep)
-            best_w = torch.cat([best_w, w_top]).gather(0, keep)
-            best_mean = torch.cat([best_mean, m_top]).gather(0, keep)
+        imp = (W.abs() * spread[rows].to(W)).contiguous()
+        contrib = W * stats.mean[(layer, c)][rows].to(W)
+        total = contrib.sum(1) if total is None else total + contrib.sum(1)
+        imp_top, top = imp.topk(min(max_k, W.shape[1]), dim=1)
+        found = [imp_top, rows.to(top)[top] + offset, W.gather(1, top), contrib.gather(1, top)]
+        if best is not None:
+            found = [torch.cat([b, f], 1) for b, f in zip(best, found, strict=True)]
+            keep = found[0].topk(min(max_k, found[0].shape[1]), dim=1).indices
+            found = [f.gather(1, keep) for f in found]
+        best = found
         offsets.append(offset)
         offset += weights.layout.channel_size(channel)
-    order = best_imp.argsort(0, descending=True)
+    order = best[0].argsort(1, descending=True)
+    imp, index, weight, mean = (b.gather(1, order).contiguous() for b in best)
     return RankedEdges(
         channels=channels,
         offsets=offsets,
-        index=best_idx.gather(0, order).T.contiguous(),
-        weight=best_w.gather(0, order).T.contiguous(),
-        mean=best_mean.gather(0, order).T.contiguous(),
-        importance=best_imp.gather(0, order).T.contiguous(),
+        index=index,
+        weight=weight,
+        mean=mean,
+        importance=imp,
         total_mean=total,
     )
 

@@ -193,17 +193,25 @@ def collect_stats(
         tokens = trace.tokens
         mask = valid_positions(tokens, pad_token_id).float()
         n_pos += int(mask.sum())
-        weight = [(mask / trace.s2[layer])[..., None] for layer in range(layout.n_layers)]
+        # [positions, layers]: each target layer's weight mask/s2 of a position
+        weight = torch.stack([mask / trace.s2[layer] for layer in range(layout.n_layers)], -1)
+        weight = weight.reshape(-1, layout.n_layers)
         for channel, pairs in readers.items():
             slots = _batch_slots(layout, channel.read_site, tokens)
-            g = acg.gated(trace, channel, slots)
-            for layer, c in pairs:
-                gw = g * weight[layer]
-                sums["mean"][(layer, c)].index_add_(0, slots, gw.sum((0, 1)).double())
-                sums["mean_abs"][(layer, c)].index_add_(0, slots, gw.abs().sum((0, 1)).double())
-                # weight² = mask / s², as the mask is 0/1
-                sums["mean_sq"][(layer, c)].index_add_(0, slots, gw.pow(2).sum((0, 1)).double())
-            del g
+            g = acg.gated(trace, channel, slots).reshape(-1, len(slots))
+            # one product per moment for every reading layer at once, not a pass each: the
+            # readers grow with depth, so this is the build's cubic term. |g·w| = |g|·|w|, and
+            # w² = mask/s² as the mask is 0/1
+            w = weight[:, [layer for layer, _ in pairs]]
+            moments = {
+                "mean": w.T @ g,
+                "mean_abs": w.abs().T @ g.abs(),
+                "mean_sq": w.pow(2).T @ g.pow(2),
+            }
+            for name, per_reader in moments.items():
+                for row, key in zip(per_reader.double(), pairs, strict=True):
+                    sums[name][key].index_add_(0, slots, row)
+            del g, moments
         for layer in range(layout.n_layers if qk else 0):
             site = layout.head_site(layer)
             slots = _batch_slots(layout, site, tokens)[:-1]  # no bias slot

@@ -182,12 +182,17 @@ class ModelWeights:
         return bias
 
     def channel_weights(
-        self, channel: Channel, target_layer: int, rows: Tensor | None = None
+        self,
+        channel: Channel,
+        target_layer: int,
+        rows: Tensor | None = None,
+        sources: Tensor | None = None,
     ) -> Tensor:
         """Virtual weights ``[n_rows, n_features]`` of (source, channel) edges into
         ``target_layer``: every slot of the channel (``rows=None``; the last row is the
         channel-bias slot) or the given slots only. Direct edges from head, skip and bos sources
-        are zero: those reach targets only through their channels.
+        are zero: those reach targets only through their channels. ``sources``: the read
+        site's :meth:`source_vectors`, when the caller reuses them across channels.
 
         A head's map has rank d_head, so its weights are formed as ``(read · W_V) · (W_O ·
         W_enc)`` rather than through the residual: d_model / d_head times fewer operations."""
@@ -195,7 +200,8 @@ class ModelWeights:
         n = self.layout.space(site).size
         rows = torch.arange(n + 1, device=self.W_E.device) if rows is None else rows
         is_bias = rows == n
-        vectors = self.source_vectors(site)[rows.clamp(max=n - 1)]
+        sources = self.source_vectors(site) if sources is None else sources
+        vectors = sources[rows.clamp(max=n - 1)]
         if channel.kind == "head":
             layer, h = channel.layer, channel.head
             values = self.norm_read(vectors, layer) @ self.W_V[layer][h]
