@@ -82,13 +82,14 @@ def rank_edges(
         if channel.read_site != site:
             site, sources = channel.read_site, weights.source_vectors(channel.read_site)
         rows = seen[c]
-        W = weights.channel_weights(channel, layer, rows, sources).T  # [n_features, n_rows]
+        W = weights.channel_weights(channel, layer, rows, sources, features_first=True)
         spread = stats.std((layer, c)) if ranking == "std" else stats.mean_abs[(layer, c)]
-        imp = (W.abs() * spread[rows].to(W)).contiguous()
-        contrib = W * stats.mean[(layer, c)][rows].to(W)
-        total = contrib.sum(1) if total is None else total + contrib.sum(1)
+        imp = W.abs().mul_(spread[rows].to(W))  # [n_features, n_rows]
+        mean = stats.mean[(layer, c)][rows].to(W)
+        total = W @ mean if total is None else total + W @ mean
         imp_top, top = imp.topk(min(max_k, W.shape[1]), dim=1)
-        found = [imp_top, rows.to(top)[top] + offset, W.gather(1, top), contrib.gather(1, top)]
+        w_top = W.gather(1, top)
+        found = [imp_top, rows.to(top)[top] + offset, w_top, w_top * mean[top]]
         if best is not None:
             found = [torch.cat([b, f], 1) for b, f in zip(best, found, strict=True)]
             keep = found[0].topk(min(max_k, found[0].shape[1]), dim=1).indices
@@ -149,8 +150,8 @@ def full_edges(weights: ModelWeights, layer: int) -> LayerEdges:
     """Every edge of ``layer`` (level 1 written as edges; the exactness test runs this)."""
     out = []
     for channel in weights.layout.channels(layer):
-        W = weights.channel_weights(channel, layer)
-        out.append(ChannelEdges(channel, torch.arange(W.shape[0]), W.T.contiguous()))
+        W = weights.channel_weights(channel, layer, features_first=True)
+        out.append(ChannelEdges(channel, torch.arange(W.shape[1]), W))
     return LayerEdges(out, weights.target_bias(layer))
 
 

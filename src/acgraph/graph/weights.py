@@ -187,12 +187,15 @@ class ModelWeights:
         target_layer: int,
         rows: Tensor | None = None,
         sources: Tensor | None = None,
+        features_first: bool = False,
     ) -> Tensor:
         """Virtual weights ``[n_rows, n_features]`` of (source, channel) edges into
         ``target_layer``: every slot of the channel (``rows=None``; the last row is the
         channel-bias slot) or the given slots only. Direct edges from head, skip and bos sources
         are zero: those reach targets only through their channels. ``sources``: the read
-        site's :meth:`source_vectors`, when the caller reuses them across channels.
+        site's :meth:`source_vectors`, when the caller reuses them across channels;
+        ``features_first``: ``[n_features, n_rows]``, contiguous (the product is formed so,
+        not transposed after).
 
         A head's map has rank d_head, so its weights are formed as ``(read · W_V) · (W_O ·
         W_enc)`` rather than through the residual: d_model / d_head times fewer operations."""
@@ -206,12 +209,15 @@ class ModelWeights:
             layer, h = channel.layer, channel.head
             values = self.norm_read(vectors, layer) @ self.W_V[layer][h]
             values[is_bias] = self.ln1_b[layer] @ self.W_V[layer][h] + self.b_V[layer][h]
-            return values @ self.target_read(target_layer, self.W_O[layer][h])
+            read = self.target_read(target_layer, self.W_O[layer][h])  # [d_head, n_features]
+            return read.T @ values.T if features_first else values @ read
         if channel.kind == "direct":
             vectors[self._indirect(site)[rows.clamp(max=n - 1)]] = 0
         else:
             vectors = self.channel_write(channel, vectors)
         vectors[is_bias] = 0  # only heads have a channel bias
+        if features_first:
+            return self.transcoders[target_layer].W_enc.detach().T @ self.center(vectors).T
         return self.target_read(target_layer, vectors)
 
     def _indirect(self, site: int) -> Tensor:
