@@ -25,7 +25,8 @@
 # each feature's errors priced by its Fisher information (graph acg${LAYERS}a; about 13 GB of RAM).
 # Environment: LAYERS (6), WIDTH (2048), TOKENS (2600000), CONTEXTS (64), THREADS (2),
 # BUFFER (65536 tokens per hook; 16384 keeps 30 layers near 12 GB of RAM), SPLICE (unset),
-# FINETUNE (unset), FANIN (fixed).
+# FINETUNE (unset), LR_DECAY (0, the constant rate of the documented fine-tunes; acg finetune's
+# own default is 0.5), FANIN (fixed).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${1:-/tmp/acg_smollm2}
@@ -63,7 +64,8 @@ if [ -n "${FINETUNE:-}" ]; then
     if [ ! -f "$FT/finetune.json" ]; then
         resume=(); [ -f "$FT/checkpoints/finetune.safetensors" ] && resume=(--resume)
         $ACG finetune "$TC" --model smollm2 --corpus "$WORK/corpus/train" --contexts 1024 \
-            --steps "$FINETUNE" --rows 8 --threads "$THREADS" --checkpoint-every 25 --out "$FT" "${resume[@]}"
+            --steps "$FINETUNE" --rows 8 --lr-decay "${LR_DECAY:-0}" --threads "$THREADS" \
+            --checkpoint-every 25 --out "$FT" "${resume[@]}"
     fi
     TC=$FT
     TAG=_finetuned
