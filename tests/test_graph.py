@@ -170,6 +170,30 @@ def test_statistics_of_unseen_tokens_are_zero_and_of_seen_ones_exact(case):
         assert float(stats.mean_abs[(layer, c)][: weights.layout.d_vocab][unseen].abs().max()) == 0
 
 
+@pytest.mark.parametrize("max_k", [3, 12])
+def test_ranked_edges_are_every_features_top_k_of_all_candidates(case, max_k):
+    """rank_edges skips sources whose bound cannot beat a feature's k-th best so far; the result
+    must equal scoring every (channel, source) candidate and taking each feature's top k."""
+    from acgraph.graph.prune import rank_edges
+    from acgraph.graph.stats import collect_stats
+
+    _, _, weights = case
+    stats = collect_stats(ACGModel(weights), [tokens(n=3, seed=4)], qk=False, progress=False)
+    layer = weights.layout.n_layers - 1
+    scores, total = [], 0
+    for c, channel in enumerate(weights.layout.channels(layer)):
+        W = weights.channel_weights(channel, layer)  # [slots, features]
+        scores.append(W.abs() * stats.std((layer, c))[:, None])
+        total = total + (W * stats.mean[(layer, c)][:, None]).sum(0)
+    want = torch.cat(scores).topk(max_k, dim=0).values.T  # [features, max_k]
+    got = rank_edges(weights, stats, layer, max_k)
+    assert got.importance.shape == want.shape
+    assert close(got.importance, want) < TOL
+    assert close(got.total_mean, total) < TOL
+    slots = torch.cat(scores)  # each kept edge's own score, looked up by its index
+    assert close(slots.gather(0, got.index.T).T, got.importance) < TOL
+
+
 def _all_pairs(weights, stats, n=None):
     """Level 3 with every query-key source pair kept (or the top ``n``), for every head."""
     n = n or weights.layout.space(weights.layout.head_site(weights.layout.n_layers - 1)).size ** 2

@@ -195,10 +195,21 @@ class ModelWeights:
         are zero: those reach targets only through their channels. ``sources``: the read
         site's :meth:`source_vectors`, when the caller reuses them across channels;
         ``features_first``: ``[n_features, n_rows]``, contiguous (the product is formed so,
-        not transposed after).
+        not transposed after)."""
+        values, read = self.channel_factors(channel, target_layer, rows, sources)
+        return read.T @ values.T if features_first else values @ read
 
-        A head's map has rank d_head, so its weights are formed as ``(read · W_V) · (W_O ·
-        W_enc)`` rather than through the residual: d_model / d_head times fewer operations."""
+    def channel_factors(
+        self,
+        channel: Channel,
+        target_layer: int,
+        rows: Tensor | None = None,
+        sources: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`channel_weights` as a product ``values [n_rows, r] @ read [r, n_features]``.
+        A head's map has rank d_head, so its weights are ``(read · W_V) · (W_O · W_enc)``
+        rather than through the residual (r = d_head: d_model / d_head times fewer operations);
+        other channels have r = d_model."""
         site = channel.read_site
         n = self.layout.space(site).size
         rows = torch.arange(n + 1, device=self.W_E.device) if rows is None else rows
@@ -209,16 +220,13 @@ class ModelWeights:
             layer, h = channel.layer, channel.head
             values = self.norm_read(vectors, layer) @ self.W_V[layer][h]
             values[is_bias] = self.ln1_b[layer] @ self.W_V[layer][h] + self.b_V[layer][h]
-            read = self.target_read(target_layer, self.W_O[layer][h])  # [d_head, n_features]
-            return read.T @ values.T if features_first else values @ read
+            return values, self.target_read(target_layer, self.W_O[layer][h])
         if channel.kind == "direct":
             vectors[self._indirect(site)[rows.clamp(max=n - 1)]] = 0
         else:
             vectors = self.channel_write(channel, vectors)
         vectors[is_bias] = 0  # only heads have a channel bias
-        if features_first:
-            return self.transcoders[target_layer].W_enc.detach().T @ self.center(vectors).T
-        return self.target_read(target_layer, vectors)
+        return self.center(vectors), self.transcoders[target_layer].W_enc.detach()
 
     def _indirect(self, site: int) -> Tensor:
         """Which sources at ``site`` reach targets only through a channel (heads, skip, bos)."""
