@@ -186,17 +186,14 @@ class ModelWeights:
         channel: Channel,
         target_layer: int,
         rows: Tensor | None = None,
-        sources: Tensor | None = None,
         features_first: bool = False,
     ) -> Tensor:
         """Virtual weights ``[n_rows, n_features]`` of (source, channel) edges into
         ``target_layer``: every slot of the channel (``rows=None``; the last row is the
         channel-bias slot) or the given slots only. Direct edges from head, skip and bos sources
-        are zero: those reach targets only through their channels. ``sources``: the read
-        site's :meth:`source_vectors`, when the caller reuses them across channels;
-        ``features_first``: ``[n_features, n_rows]``, contiguous (the product is formed so,
-        not transposed after)."""
-        values, read = self.channel_factors(channel, target_layer, rows, sources)
+        are zero: those reach targets only through their channels. ``features_first``:
+        ``[n_features, n_rows]``, contiguous (the product is formed so, not transposed after)."""
+        values, read = self.channel_factors(channel, target_layer, rows)
         return read.T @ values.T if features_first else values @ read
 
     def channel_factors(
@@ -209,7 +206,8 @@ class ModelWeights:
         """:meth:`channel_weights` as a product ``values [n_rows, r] @ read [r, n_features]``.
         A head's map has rank d_head, so its weights are ``(read · W_V) · (W_O · W_enc)``
         rather than through the residual (r = d_head: d_model / d_head times fewer operations);
-        other channels have r = d_model."""
+        other channels have r = d_model. ``sources``: the read site's :meth:`source_vectors`,
+        when the caller reuses them across channels."""
         site = channel.read_site
         n = self.layout.space(site).size
         rows = torch.arange(n + 1, device=self.W_E.device) if rows is None else rows
