@@ -412,6 +412,15 @@ def test_save_load_roundtrip_runs_identically(organism_graph, tmp_path):
         a = graph.model(k, pairs, fit)(held[:2])
         b = loaded.model(k, pairs, fit)(held[:2])
         assert torch.equal(a, b)
+    # stats=False keeps a folder's statistics, but a folder without them still gets them
+    sizes = graph.save(tmp_path / "fresh", stats=False)
+    assert sizes["stats_bytes"] == (tmp_path / "acg" / "stats.safetensors").stat().st_size
+    fresh = load_acg(
+        tmp_path / "fresh", graph.weights.model, dict(enumerate(graph.weights.transcoders))
+    )
+    assert torch.equal(
+        fresh.model(4, None, False)(held[:2]), loaded.model(4, None, False)(held[:2])
+    )
 
 
 def test_load_refuses_other_transcoders(organism_graph, tmp_path):

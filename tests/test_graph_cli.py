@@ -65,8 +65,13 @@ def test_tune_cli_adds_tuned_rows(built, tmp_path, capsys):
 
     graph = tmp_path / "graph"
     shutil.copytree(built, graph)  # the module's graph stays untuned for the other tests
+    stats_before = (graph / "stats.safetensors").stat()
     argv = ["tune", str(graph), "--k", "8", "--pairs", "64", "--steps", "3", "--contexts", "4"]
     assert main([*argv, "--rows", "2", "--batch-size", "4", "--lr-decay", "0.25"]) == 0
+    stats_after = (graph / "stats.safetensors").stat()  # a tune leaves the statistics alone
+    assert (stats_after.st_ino, stats_after.st_mtime_ns) == (
+        stats_before.st_ino, stats_before.st_mtime_ns,
+    )  # fmt: skip
     out = capsys.readouterr().out
     assert "tuned the k=8 formulas (level 3 with 64 pairs per head)" in out
     assert "kept step" in out

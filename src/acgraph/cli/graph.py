@@ -334,7 +334,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             "kept_step": min(validation, key=lambda v: v[1])[0],
         }
     graph.meta.setdefault("tuned", {})[str(args.k)] = info
-    graph.save(folder)
+    graph.save(folder, stats=False)  # a tune changes edges only
     level = f"level 3 with {args.pairs} pairs per head" if args.pairs else "level 2"
     kept = ""
     if validation:

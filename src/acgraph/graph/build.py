@@ -168,7 +168,11 @@ class ACGraph:
 
     # ------------------------------------------------------------------ files
 
-    def save(self, folder: str | Path) -> dict[str, int]:
+    def save(self, folder: str | Path, *, stats: bool = True) -> dict[str, int]:
+        """Write edges, statistics and, last, the manifest (what a reader trusts). With
+        ``stats=False`` the folder's statistics file is kept as it is: a tune changes only
+        edges, and rewriting gigabytes of unchanged statistics (4.5 GB for SmolLM2's 30 layers)
+        is what ran that tune out of memory."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, Tensor] = {}
@@ -193,7 +197,9 @@ class ACGraph:
                     tensors[f"tune{k}.L{layer}H{h}.weight"] = t.weight
                     tensors[f"tune{k}.L{layer}H{h}.query_vec"] = t.query_vec
         edges_path = atomic_save_tensors(folder / "edges.safetensors", tensors)
-        stats_path = atomic_save_tensors(folder / "stats.safetensors", self.stats.tensors())
+        stats_path = folder / "stats.safetensors"
+        if stats or not stats_path.exists():
+            stats_path = atomic_save_tensors(stats_path, self.stats.tensors())
         sizes = {
             "edges_bytes": edges_path.stat().st_size,
             "stats_bytes": stats_path.stat().st_size,
